@@ -1,0 +1,106 @@
+"""The seam between the session manager and a broker.
+
+A backend accepts sessions and sends messages; a `SessionLink` is one locked session.
+Every method is a Trio-flavoured async function that blocks until it has a result;
+timeouts belong to the caller (cancel scopes), except where the broker itself waits
+on the server side (``max_wait_time`` of `Backend.accept_session`).
+
+Times inside the core are Trio-clock deadlines (``trio.current_time()`` units);
+``locked_until_utc`` is the same instant as an aware UTC datetime, for the public edge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Protocol
+
+from .._messages import EntityPath, Message, ReceivedMessage, Settlement
+from .._options import ReceiveMode
+
+__all__ = ["Backend", "SessionLink"]
+
+
+class SessionLink(Protocol):
+    """One accepted session, locked by this receiver until `aclose` or lock expiry.
+
+    Only its actor's tasks call these methods. Operations on a lost lock raise
+    `SessionLockLostError`.
+    """
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def locked_until(self) -> float:
+        """The Trio-clock time at which the session lock expires."""
+        ...
+
+    @property
+    def locked_until_utc(self) -> dt.datetime:
+        """`locked_until` as an aware UTC datetime."""
+        ...
+
+    async def receive(self, max_count: int) -> list[ReceivedMessage]:
+        """Wait for at least one message; return up to ``max_count`` in session order."""
+        ...
+
+    async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        """Apply several settlements in order; return, for each, None or its error."""
+        ...
+
+    async def complete(self, message: ReceivedMessage) -> None: ...
+
+    async def abandon(self, message: ReceivedMessage) -> None: ...
+
+    async def dead_letter(
+        self,
+        message: ReceivedMessage,
+        reason: str | None = None,
+        error_description: str | None = None,
+    ) -> None: ...
+
+    async def defer(self, message: ReceivedMessage) -> None: ...
+
+    async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
+        """Receive deferred messages by sequence number (`MessageNotFoundError` if unknown)."""
+        ...
+
+    async def renew_lock(self) -> float:
+        """Renew the session lock; return the new `locked_until`."""
+        ...
+
+    async def get_state(self) -> bytes | None: ...
+
+    async def set_state(self, state: bytes | None) -> None: ...
+
+    async def aclose(self) -> None:
+        """Release the session lock; unsettled messages become available again."""
+        ...
+
+
+class Backend(Protocol):
+    """A broker: accepts sessions and sends messages."""
+
+    async def accept_session(
+        self,
+        entity: EntityPath,
+        session_id: str | None = None,
+        *,
+        receive_mode: ReceiveMode = ReceiveMode.PEEK_LOCK,
+        max_wait_time: float | None = None,
+        prefetch_count: int = 0,
+    ) -> SessionLink:
+        """Lock a session: the given one, or the next available one.
+
+        Raises:
+            OperationTimeoutError: no session became available within ``max_wait_time``.
+            SessionCannotBeLockedError: another receiver holds ``session_id``.
+            EntityNotFoundError: the entity does not exist.
+            SessionsNotEnabledError: the entity does not require sessions.
+        """
+        ...
+
+    async def send(self, entity: str, messages: Message | Sequence[Message]) -> None:
+        """Send one message, or a list as one batch, to a queue or topic."""
+        ...

@@ -1,0 +1,901 @@
+"""MemoryBroker: an in-process broker with Service Bus session semantics on Trio's clock.
+
+It is the reference implementation of the backend seam, the embedded default for demos
+and local development, and the test double: under `trio.testing.MockClock` lock expiry,
+message expiry and server-side waits happen in virtual time.
+
+Data layout, per entity (a queue or a topic's subscription):
+
+* each session keeps its available messages in a heap by sequence number, so messages
+  returned by abandon or lock loss (which were sent before every undelivered one) are
+  delivered again first, in sequence-number order;
+* a heap of ``(oldest available sequence number, session id)`` over unlocked sessions
+  hands out the next available session oldest-message-first in O(log n); entries are
+  checked when popped, so stale ones cost nothing but a pop;
+* a heap of lock deadlines finds expired session locks without scanning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import itertools
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import attrs
+import trio
+
+from .._errors import (
+    EntityNotFoundError,
+    MessageAlreadySettledError,
+    MessageNotFoundError,
+    OperationTimeoutError,
+    SessionCannotBeLockedError,
+    SessionLockLostError,
+    SessionsNotEnabledError,
+)
+from .._messages import (
+    Abandon,
+    Complete,
+    DeadLetter,
+    Defer,
+    EntityPath,
+    Message,
+    ReceivedMessage,
+    Settlement,
+)
+from .._options import ReceiveMode
+
+__all__ = ["MemoryBroker", "MemorySessionLink"]
+
+#: Dead-letter reasons Service Bus itself uses.
+MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
+TTL_EXPIRED = "TTLExpiredException"
+SESSION_ID_MISSING = "SessionIdIsMissing"
+
+#: Operations `MemoryBroker.fail_next` can make fail.
+FAULT_OPERATIONS = frozenset(
+    {
+        "accept_session",
+        "receive",
+        "complete",
+        "abandon",
+        "dead_letter",
+        "defer",
+        "receive_deferred",
+        "renew_lock",
+        "get_state",
+        "set_state",
+        "send",
+    }
+)
+
+
+def _check_duration(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be seconds (int or float), not {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"{kind} name must be a non-empty str without '/', got {name!r}")
+    return name
+
+
+@attrs.define(eq=False)
+class _Record:
+    """One stored message of one entity."""
+
+    sequence_number: int
+    message: Message
+    message_id: str
+    session_id: str | None
+    enqueued_at: float
+    expires_at: float
+    delivery_count: int = 0
+    deferred: bool = False
+    lock_token: str | None = None
+    dead_letter_reason: str | None = None
+    dead_letter_error_description: str | None = None
+
+
+@attrs.define(eq=False)
+class _Session:
+    session_id: str
+    available: list[tuple[int, _Record]] = attrs.field(factory=list)
+    deferred: dict[int, _Record] = attrs.field(factory=dict)
+    locked: dict[str, _Record] = attrs.field(factory=dict)
+    state: bytes | None = None
+    link: MemorySessionLink | None = None
+    locked_until: float = -math.inf
+    arrived: trio.Event = attrs.field(factory=trio.Event)
+
+    def wake_receiver(self) -> None:
+        self.arrived.set()
+        self.arrived = trio.Event()
+
+    def is_empty(self) -> bool:
+        return not (self.available or self.deferred or self.locked or self.state is not None)
+
+
+@attrs.define(eq=False)
+class _Entity:
+    path: str
+    requires_session: bool
+    lock_duration: float
+    max_delivery_count: int
+    default_message_time_to_live: float | None
+    dead_lettering_on_message_expiration: bool
+    sequence: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    sessions: dict[str, _Session] = attrs.field(factory=dict)
+    ready: list[tuple[int, str]] = attrs.field(factory=list)
+    lock_deadlines: list[tuple[float, int, str]] = attrs.field(factory=list)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    dead_letters: list[_Record] = attrs.field(factory=list)
+    expired: list[_Record] = attrs.field(factory=list)
+
+    def notify(self) -> None:
+        """Wake every waiting accept: a session may have become available."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@attrs.define(eq=False)
+class _Topic:
+    name: str
+    subscriptions: dict[str, _Entity] = attrs.field(factory=dict)
+
+
+class MemoryBroker:
+    """An in-process Service Bus with sessions, on Trio's clock.
+
+    Create entities, send messages, and pass the broker to `open_session_manager`::
+
+        broker = MemoryBroker()
+        broker.create_queue("orders", lock_duration=30)
+        await broker.send("orders", Message(b"created", session_id="order-1"))
+
+    Semantics follow Service Bus: FIFO per session; one receiver holds a session lock at
+    a time, until it closes the session or the lock expires ``lock_duration`` seconds
+    after accept or the last renewal; settling on an expired lock raises
+    `SessionLockLostError`; abandon increments ``delivery_count`` and delivers the
+    message again first; reaching ``max_delivery_count`` moves it to the dead-letter
+    queue with reason ``MaxDeliveryCountExceeded``; deferred messages are reachable only
+    by sequence number; session state outlives the lock.
+
+    Timestamps are Trio-clock times at one fixed offset from UTC (fixed at first use),
+    so under `trio.testing.MockClock` they follow virtual time.
+
+    It is also a (no-op) async context manager, so code can treat every backend alike.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[str, _Entity] = {}
+        self._topics: dict[str, _Topic] = {}
+        self._entities: dict[str, _Entity] = {}
+        self._utc_offset: float | None = None
+        self._tokens = itertools.count(random.getrandbits(96) << 32)
+        self._lock_ids = itertools.count()
+        self._faults: dict[str, deque[BaseException]] = {}
+
+    # -- context manager ---------------------------------------------------------------
+
+    async def __aenter__(self) -> MemoryBroker:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    # -- management ----------------------------------------------------------------------
+
+    def create_queue(
+        self,
+        name: str,
+        *,
+        requires_session: bool = True,
+        lock_duration: float = 60.0,
+        max_delivery_count: int = 10,
+        default_message_time_to_live: float | None = None,
+        dead_lettering_on_message_expiration: bool = False,
+    ) -> None:
+        """Create a queue.
+
+        Raises:
+            ValueError: the name is taken or invalid, or a setting is out of range.
+            TypeError: a setting has the wrong type.
+        """
+        _check_name("queue", name)
+        if name in self._queues or name in self._topics:
+            raise ValueError(f"an entity named {name!r} exists already")
+        entity = self._make_entity(
+            name,
+            requires_session=requires_session,
+            lock_duration=lock_duration,
+            max_delivery_count=max_delivery_count,
+            default_message_time_to_live=default_message_time_to_live,
+            dead_lettering_on_message_expiration=dead_lettering_on_message_expiration,
+        )
+        self._queues[name] = entity
+        self._entities[name] = entity
+
+    def create_topic(self, name: str) -> None:
+        """Create a topic; messages sent to it fan out to its subscriptions."""
+        _check_name("topic", name)
+        if name in self._queues or name in self._topics:
+            raise ValueError(f"an entity named {name!r} exists already")
+        self._topics[name] = _Topic(name)
+
+    def create_subscription(
+        self,
+        topic: str,
+        name: str,
+        *,
+        requires_session: bool = True,
+        lock_duration: float = 60.0,
+        max_delivery_count: int = 10,
+        default_message_time_to_live: float | None = None,
+        dead_lettering_on_message_expiration: bool = False,
+    ) -> None:
+        """Create a subscription of ``topic``; its path is ``"<topic>/subscriptions/<name>"``.
+
+        Raises:
+            EntityNotFoundError: no such topic.
+            ValueError: the name is taken or invalid, or a setting is out of range.
+        """
+        _check_name("subscription", name)
+        if topic not in self._topics:
+            raise EntityNotFoundError(f"no topic named {topic!r}")
+        subscriptions = self._topics[topic].subscriptions
+        if name in subscriptions:
+            raise ValueError(f"topic {topic!r} has a subscription named {name!r} already")
+        path = f"{topic}/subscriptions/{name}"
+        entity = self._make_entity(
+            path,
+            requires_session=requires_session,
+            lock_duration=lock_duration,
+            max_delivery_count=max_delivery_count,
+            default_message_time_to_live=default_message_time_to_live,
+            dead_lettering_on_message_expiration=dead_lettering_on_message_expiration,
+        )
+        subscriptions[name] = entity
+        self._entities[path] = entity
+
+    def _make_entity(
+        self,
+        path: str,
+        *,
+        requires_session: bool,
+        lock_duration: float,
+        max_delivery_count: int,
+        default_message_time_to_live: float | None,
+        dead_lettering_on_message_expiration: bool,
+    ) -> _Entity:
+        if not isinstance(requires_session, bool):
+            raise TypeError(f"requires_session must be True or False, not {requires_session!r}")
+        if not isinstance(dead_lettering_on_message_expiration, bool):
+            raise TypeError(
+                "dead_lettering_on_message_expiration must be True or False, "
+                f"not {dead_lettering_on_message_expiration!r}"
+            )
+        if isinstance(max_delivery_count, bool) or not isinstance(max_delivery_count, int):
+            raise TypeError(f"max_delivery_count must be an int, not {max_delivery_count!r}")
+        if max_delivery_count < 1:
+            raise ValueError(f"max_delivery_count must be >= 1, got {max_delivery_count!r}")
+        duration = _check_duration("lock_duration", lock_duration)
+        ttl = _check_duration(
+            "default_message_time_to_live", default_message_time_to_live, allow_none=True
+        )
+        assert duration is not None
+        return _Entity(
+            path,
+            requires_session=requires_session,
+            lock_duration=duration,
+            max_delivery_count=max_delivery_count,
+            default_message_time_to_live=ttl,
+            dead_lettering_on_message_expiration=dead_lettering_on_message_expiration,
+        )
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, entity: str, messages: Message | Sequence[Message]) -> None:
+        """Send one message, or a list of messages as one batch, to a queue or topic.
+
+        A batch is checked whole before any of it is stored.
+
+        Raises:
+            EntityNotFoundError: no queue or topic named ``entity``.
+            TypeError: something other than a `Message` was given.
+            ValueError: a message without ``session_id`` was sent to a queue that
+                requires sessions.
+        """
+        await trio.sleep(0)
+        batch = [messages] if isinstance(messages, Message) else list(messages)
+        for item in batch:
+            if not isinstance(item, Message):
+                raise TypeError(f"send takes Message objects, not {type(item).__name__}")
+        if entity in self._queues:
+            targets = [self._queues[entity]]
+            queue = targets[0]
+            if queue.requires_session:
+                for item in batch:
+                    if item.session_id is None:
+                        raise ValueError(
+                            f"queue {entity!r} requires sessions: every Message needs a "
+                            "session_id"
+                        )
+        elif entity in self._topics:
+            targets = list(self._topics[entity].subscriptions.values())
+        else:
+            if "/subscriptions/" in entity:
+                raise EntityNotFoundError(
+                    f"cannot send to subscription {entity!r}: send to its topic"
+                )
+            raise EntityNotFoundError(f"no queue or topic named {entity!r}")
+        self._inject("send")
+        now = trio.current_time()
+        for target in targets:
+            for item in batch:
+                self._store(target, item, now)
+
+    def _store(self, entity: _Entity, message: Message, now: float) -> None:
+        seq = next(entity.sequence)
+        ttl = message.time_to_live or entity.default_message_time_to_live
+        record = _Record(
+            sequence_number=seq,
+            message=message,
+            message_id=message.message_id or uuid.uuid4().hex,
+            session_id=message.session_id,
+            enqueued_at=now,
+            expires_at=now + ttl if ttl else math.inf,
+        )
+        if entity.requires_session and message.session_id is None:
+            # Only reachable through a topic: Service Bus dead-letters such a message
+            # in each session-enabled subscription.
+            self._dead_letter(entity, record, SESSION_ID_MISSING, "the message has no SessionId")
+            return
+        key = message.session_id if entity.requires_session else ""
+        assert key is not None
+        session = entity.sessions.get(key)
+        if session is None:
+            session = entity.sessions[key] = _Session(key)
+        was_empty = not session.available
+        heapq.heappush(session.available, (seq, record))
+        if session.link is not None:
+            session.wake_receiver()
+        elif was_empty:
+            heapq.heappush(entity.ready, (seq, key))
+            entity.notify()
+
+    # -- accepting sessions ------------------------------------------------------------------
+
+    async def accept_session(
+        self,
+        entity: EntityPath,
+        session_id: str | None = None,
+        *,
+        receive_mode: ReceiveMode = ReceiveMode.PEEK_LOCK,
+        max_wait_time: float | None = None,
+        prefetch_count: int = 0,
+    ) -> MemorySessionLink:
+        """Lock a session of ``entity``: ``session_id``, or the next available one.
+
+        The next available session is an unlocked one with at least one message ready
+        for delivery; sessions are handed out oldest ready message first, so none starves.
+        Waits (on the Trio clock) up to ``max_wait_time`` seconds (forever if None).
+
+        Raises:
+            EntityNotFoundError: no such entity.
+            SessionsNotEnabledError: the entity does not require sessions.
+            SessionCannotBeLockedError: another receiver holds ``session_id``.
+            OperationTimeoutError: no session became available within ``max_wait_time``.
+        """
+        await trio.sleep(0)
+        target = self._entity(str(entity))
+        if not target.requires_session:
+            raise SessionsNotEnabledError(
+                f"entity {target.path!r} does not require sessions: "
+                "create it with requires_session=True to read it by session"
+            )
+        if not isinstance(receive_mode, ReceiveMode):
+            raise TypeError(f"receive_mode must be a ReceiveMode, not {receive_mode!r}")
+        self._inject("accept_session")
+        if session_id is not None:
+            self._expire_locks(target)
+            session = target.sessions.get(session_id)
+            if session is None:
+                session = target.sessions[session_id] = _Session(session_id)
+            elif session.link is not None:
+                raise SessionCannotBeLockedError(
+                    f"session {session_id!r} of {target.path!r} is locked by another receiver"
+                )
+            return self._lock(target, session, receive_mode)
+        deadline = math.inf if max_wait_time is None else trio.current_time() + max_wait_time
+        while True:
+            self._expire_locks(target)
+            session = self._pop_ready(target)
+            if session is not None:
+                return self._lock(target, session, receive_mode)
+            if trio.current_time() >= deadline:
+                raise OperationTimeoutError(
+                    f"no session of {target.path!r} had a message ready within "
+                    f"{max_wait_time} seconds"
+                )
+            wake_at = deadline
+            if target.lock_deadlines:
+                wake_at = min(wake_at, target.lock_deadlines[0][0])
+            with trio.move_on_at(wake_at):
+                await target.changed.wait()
+
+    def _pop_ready(self, entity: _Entity) -> _Session | None:
+        now = trio.current_time()
+        while entity.ready:
+            seq, key = entity.ready[0]
+            session = entity.sessions.get(key)
+            if session is None or session.link is not None:
+                heapq.heappop(entity.ready)
+                continue
+            self._purge_expired(entity, session, now)
+            if not session.available:
+                heapq.heappop(entity.ready)
+                self._maybe_drop(entity, session)
+                continue
+            head = session.available[0][0]
+            if head != seq:
+                heapq.heapreplace(entity.ready, (head, key))
+                continue
+            heapq.heappop(entity.ready)
+            return session
+        return None
+
+    def _lock(
+        self, entity: _Entity, session: _Session, receive_mode: ReceiveMode
+    ) -> MemorySessionLink:
+        link = MemorySessionLink(self, entity, session, receive_mode)
+        session.link = link
+        self._set_lock_deadline(entity, session, trio.current_time() + entity.lock_duration)
+        return link
+
+    def _set_lock_deadline(self, entity: _Entity, session: _Session, deadline: float) -> None:
+        session.locked_until = deadline
+        heapq.heappush(
+            entity.lock_deadlines, (deadline, next(self._lock_ids), session.session_id)
+        )
+
+    def _expire_locks(self, entity: _Entity) -> None:
+        now = trio.current_time()
+        heap = entity.lock_deadlines
+        while heap and heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(heap)
+            session = entity.sessions.get(key)
+            if session is not None and session.link is not None:
+                if session.locked_until == deadline:
+                    self._unlock(entity, session, lost=True)
+
+    def _unlock(self, entity: _Entity, session: _Session, *, lost: bool) -> None:
+        """Release the session lock; unsettled messages are returned (delivery_count + 1)."""
+        link = session.link
+        assert link is not None
+        link._lost = lost
+        session.link = None
+        session.locked_until = -math.inf
+        locked = sorted(session.locked.values(), key=lambda record: record.sequence_number)
+        session.locked.clear()
+        for record in locked:
+            self._return(entity, session, record)
+        session.wake_receiver()
+        if session.available:
+            heapq.heappush(entity.ready, (session.available[0][0], session.session_id))
+            entity.notify()
+        self._maybe_drop(entity, session)
+
+    def _maybe_drop(self, entity: _Entity, session: _Session) -> None:
+        if session.link is None and session.is_empty():
+            entity.sessions.pop(session.session_id, None)
+
+    # -- message life cycle -----------------------------------------------------------------
+
+    def _return(self, entity: _Entity, session: _Session, record: _Record) -> None:
+        """A delivery ended without settlement: count it, then redeliver or dead-letter."""
+        record.lock_token = None
+        record.delivery_count += 1
+        if record.delivery_count >= entity.max_delivery_count:
+            session.deferred.pop(record.sequence_number, None)
+            self._dead_letter(
+                entity,
+                record,
+                MAX_DELIVERY_COUNT_EXCEEDED,
+                f"delivered {record.delivery_count} times without being settled",
+            )
+        elif not record.deferred:
+            heapq.heappush(session.available, (record.sequence_number, record))
+
+    def _dead_letter(
+        self, entity: _Entity, record: _Record, reason: str | None, description: str | None
+    ) -> None:
+        record.lock_token = None
+        record.deferred = False
+        record.dead_letter_reason = reason
+        record.dead_letter_error_description = description
+        entity.dead_letters.append(record)
+
+    def _purge_expired(self, entity: _Entity, session: _Session, now: float) -> None:
+        """Remove expired messages from the head of the session (Service Bus does it lazily too)."""
+        available = session.available
+        while available and available[0][1].expires_at <= now:
+            self._expire(entity, heapq.heappop(available)[1])
+
+    def _expire(self, entity: _Entity, record: _Record) -> None:
+        if entity.dead_lettering_on_message_expiration:
+            self._dead_letter(entity, record, TTL_EXPIRED, "the message expired")
+        else:
+            entity.expired.append(record)
+
+    def _utc(self, trio_time: float) -> dt.datetime:
+        if self._utc_offset is None:
+            self._utc_offset = time.time() - trio.current_time()
+        return dt.datetime.fromtimestamp(self._utc_offset + trio_time, dt.UTC)
+
+    def _received(self, record: _Record, locked_until: float | None) -> ReceivedMessage:
+        message = record.message
+        properties = dict(message.application_properties or {})
+        if record.dead_letter_reason is not None:
+            properties["DeadLetterReason"] = record.dead_letter_reason
+        if record.dead_letter_error_description is not None:
+            properties["DeadLetterErrorDescription"] = record.dead_letter_error_description
+        return ReceivedMessage(
+            body=message.body,
+            session_id=record.session_id,
+            message_id=record.message_id,
+            sequence_number=record.sequence_number,
+            delivery_count=record.delivery_count,
+            enqueued_time=self._utc(record.enqueued_at),
+            locked_until=None if locked_until is None else self._utc(locked_until),
+            lock_token=record.lock_token,
+            application_properties=properties,
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            subject=message.subject,
+            dead_letter_reason=record.dead_letter_reason,
+            dead_letter_error_description=record.dead_letter_error_description,
+        )
+
+    def _new_token(self) -> str:
+        return str(uuid.UUID(int=next(self._tokens) & ((1 << 128) - 1)))
+
+    # -- fault injection -----------------------------------------------------------------
+
+    def fail_next(self, operation: str, error: BaseException | type[BaseException]) -> None:
+        """Make the next call of ``operation`` (on any session) raise ``error``.
+
+        ``operation`` is one of ``accept_session``, ``receive``, ``complete``, ``abandon``,
+        ``dead_letter``, ``defer``, ``receive_deferred``, ``renew_lock``, ``get_state``,
+        ``set_state``, ``send``. Calls queue up: two calls fail the next two operations.
+        """
+        if operation not in FAULT_OPERATIONS:
+            raise ValueError(
+                f"operation must be one of {', '.join(sorted(FAULT_OPERATIONS))}; "
+                f"got {operation!r}"
+            )
+        if isinstance(error, type):
+            error = error(f"injected failure of {operation}")
+        self._faults.setdefault(operation, deque()).append(error)
+
+    def _inject(self, operation: str) -> None:
+        queue = self._faults.get(operation)
+        if queue:
+            raise queue.popleft()
+
+    def expire_session_lock(self, entity: str, session_id: str) -> None:
+        """Make the lock of ``session_id`` expire now, as if its holder stopped renewing.
+
+        Its unsettled messages are returned (delivery_count + 1) and its holder's next
+        operation raises `SessionLockLostError`. Does nothing if the session is not locked.
+        """
+        target = self._entity(entity)
+        session = target.sessions.get(session_id)
+        if session is not None and session.link is not None:
+            self._unlock(target, session, lost=True)
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def _entity(self, path: str) -> _Entity:
+        try:
+            return self._entities[path]
+        except KeyError:
+            if path in self._topics:
+                raise EntityNotFoundError(
+                    f"{path!r} is a topic: read one of its subscriptions, "
+                    f"'{path}/subscriptions/<name>'"
+                ) from None
+            raise EntityNotFoundError(f"no queue or subscription named {path!r}") from None
+
+    def _settle_pending(self, entity: _Entity) -> None:
+        """Bring lazily kept state up to date: expired locks and expired messages."""
+        self._expire_locks(entity)
+        now = trio.current_time()
+        for session in list(entity.sessions.values()):
+            if session.available and session.available[0][1].expires_at <= now:
+                keep = []
+                for item in session.available:
+                    if item[1].expires_at <= now:
+                        self._expire(entity, item[1])
+                    else:
+                        keep.append(item)
+                heapq.heapify(keep)
+                session.available = keep
+                self._maybe_drop(entity, session)
+
+    def active_message_count(self, entity: str) -> int:
+        """Messages neither settled, dead-lettered nor expired: available, locked or deferred."""
+        target = self._entity(entity)
+        self._settle_pending(target)
+        return sum(
+            len(s.available) + len(s.deferred) + sum(1 for r in s.locked.values() if not r.deferred)
+            for s in target.sessions.values()
+        )
+
+    def active_messages(self, entity: str) -> list[ReceivedMessage]:
+        """Snapshots of the active messages (see `active_message_count`), by sequence number."""
+        target = self._entity(entity)
+        self._settle_pending(target)
+        records: dict[int, _Record] = {}
+        for session in target.sessions.values():
+            records.update((seq, record) for seq, record in session.available)
+            records.update(session.deferred)
+            records.update((r.sequence_number, r) for r in session.locked.values())
+        return [self._received(records[seq], None) for seq in sorted(records)]
+
+    def dead_letter_messages(self, entity: str) -> list[ReceivedMessage]:
+        """The messages in the dead-letter queue of ``entity``, oldest first."""
+        target = self._entity(entity)
+        self._settle_pending(target)
+        return [self._received(record, None) for record in target.dead_letters]
+
+    def expired_messages(self, entity: str) -> list[ReceivedMessage]:
+        """Messages that expired (time to live) and were dropped, not dead-lettered."""
+        target = self._entity(entity)
+        self._settle_pending(target)
+        return [self._received(record, None) for record in target.expired]
+
+    def session_state(self, entity: str, session_id: str) -> bytes | None:
+        """The state of a session, read without locking it."""
+        session = self._entity(entity).sessions.get(session_id)
+        return None if session is None else session.state
+
+    def locked_sessions(self, entity: str) -> list[str]:
+        """Ids of the sessions locked by a receiver now."""
+        target = self._entity(entity)
+        self._expire_locks(target)
+        return sorted(sid for sid, s in target.sessions.items() if s.link is not None)
+
+
+class MemorySessionLink:
+    """One session of a `MemoryBroker`, locked by its receiver until `aclose` or expiry."""
+
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        entity: _Entity,
+        session: _Session,
+        receive_mode: ReceiveMode,
+    ) -> None:
+        self._broker = broker
+        self._entity = entity
+        self._session = session
+        self._receive_mode = receive_mode
+        self._lost = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<MemorySessionLink {self._entity.path}/{self._session.session_id}>"
+
+    @property
+    def session_id(self) -> str:
+        return self._session.session_id
+
+    @property
+    def locked_until(self) -> float:
+        return self._session.locked_until if self._session.link is self else -math.inf
+
+    @property
+    def locked_until_utc(self) -> dt.datetime:
+        return self._broker._utc(self._session.locked_until)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this session link was closed")
+        session = self._session
+        if session.link is self and trio.current_time() >= session.locked_until:
+            self._broker._unlock(self._entity, session, lost=True)
+        if self._lost or session.link is not self:
+            raise SessionLockLostError(
+                f"the lock of session {session.session_id!r} of {self._entity.path!r} "
+                "expired or was lost"
+            )
+
+    async def receive(self, max_count: int) -> list[ReceivedMessage]:
+        if max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        await trio.sleep(0)
+        session = self._session
+        while True:
+            self._broker._inject("receive")
+            self._check()
+            self._broker._purge_expired(self._entity, session, trio.current_time())
+            if session.available:
+                return self._take(max_count)
+            with trio.move_on_at(session.locked_until):
+                await session.arrived.wait()
+
+    def _take(self, max_count: int) -> list[ReceivedMessage]:
+        broker = self._broker
+        session = self._session
+        now = trio.current_time()
+        out: list[ReceivedMessage] = []
+        peek_lock = self._receive_mode is ReceiveMode.PEEK_LOCK
+        while len(out) < max_count:
+            broker._purge_expired(self._entity, session, now)
+            if not session.available:
+                break
+            _, record = heapq.heappop(session.available)
+            if peek_lock:
+                record.lock_token = broker._new_token()
+                session.locked[record.lock_token] = record
+                out.append(broker._received(record, session.locked_until))
+            else:
+                out.append(broker._received(record, None))
+        return out
+
+    def _settle_one(self, settlement: Settlement) -> None:
+        message = settlement.message
+        if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:
+            raise MessageAlreadySettledError(
+                "messages received in RECEIVE_AND_DELETE mode are settled on receipt"
+            )
+        operation = {Complete: "complete", Abandon: "abandon", DeadLetter: "dead_letter"}.get(
+            type(settlement), "defer"
+        )
+        self._broker._inject(operation)
+        self._check()
+        session = self._session
+        if message.session_id != session.session_id:
+            raise ValueError(
+                f"message {message.message_id!r} belongs to session {message.session_id!r}, "
+                f"not {session.session_id!r}"
+            )
+        record = session.locked.pop(message.lock_token or "", None)
+        if record is None:
+            raise MessageAlreadySettledError(
+                f"message {message.message_id!r} (sequence number {message.sequence_number}) "
+                "was settled already"
+            )
+        record.lock_token = None
+        if isinstance(settlement, Complete):
+            session.deferred.pop(record.sequence_number, None)
+        elif isinstance(settlement, Abandon):
+            self._broker._return(self._entity, session, record)
+        elif isinstance(settlement, DeadLetter):
+            session.deferred.pop(record.sequence_number, None)
+            self._broker._dead_letter(
+                self._entity, record, settlement.reason, settlement.error_description
+            )
+        else:
+            record.deferred = True
+            session.deferred[record.sequence_number] = record
+
+    async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        await trio.sleep(0)
+        results: list[BaseException | None] = []
+        for settlement in settlements:
+            try:
+                self._settle_one(settlement)
+            except Exception as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
+    async def _settle_single(self, settlement: Settlement) -> None:
+        await trio.sleep(0)
+        self._settle_one(settlement)
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Complete(message))
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Abandon(message))
+
+    async def dead_letter(
+        self,
+        message: ReceivedMessage,
+        reason: str | None = None,
+        error_description: str | None = None,
+    ) -> None:
+        await self._settle_single(DeadLetter(message, reason, error_description))
+
+    async def defer(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Defer(message))
+
+    async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
+        await trio.sleep(0)
+        self._broker._inject("receive_deferred")
+        self._check()
+        if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:
+            raise MessageAlreadySettledError(
+                "deferred messages cannot be received in RECEIVE_AND_DELETE mode"
+            )
+        session = self._session
+        records = []
+        for seq in sequence_numbers:
+            record = session.deferred.get(seq)
+            if record is None:
+                raise MessageNotFoundError(
+                    f"session {session.session_id!r} has no deferred message with "
+                    f"sequence number {seq}"
+                )
+            records.append(record)
+        out = []
+        for record in records:
+            if record.lock_token is None:
+                record.lock_token = self._broker._new_token()
+                session.locked[record.lock_token] = record
+            out.append(self._broker._received(record, session.locked_until))
+        return out
+
+    async def renew_lock(self) -> float:
+        await trio.sleep(0)
+        self._broker._inject("renew_lock")
+        self._check()
+        deadline = trio.current_time() + self._entity.lock_duration
+        self._broker._set_lock_deadline(self._entity, self._session, deadline)
+        return deadline
+
+    async def get_state(self) -> bytes | None:
+        await trio.sleep(0)
+        self._broker._inject("get_state")
+        self._check()
+        return self._session.state
+
+    async def set_state(self, state: bytes | None) -> None:
+        await trio.sleep(0)
+        if state is not None and not isinstance(state, bytes):
+            raise TypeError(f"session state must be bytes or None, not {type(state).__name__}")
+        self._broker._inject("set_state")
+        self._check()
+        self._session.state = state
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        session = self._session
+        if not self._lost and session.link is self:
+            self._broker._unlock(self._entity, session, lost=False)
+        await trio.sleep(0)
+
+
+# The type checker confirms the reference backend matches the seam.
+if __debug__:  # pragma: no branch
+    from ._abc import Backend, SessionLink
+
+    def _conforms(broker: MemoryBroker, link: MemorySessionLink) -> tuple[Backend, SessionLink]:
+        return broker, link
+
+    _: Any = _conforms
