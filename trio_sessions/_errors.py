@@ -26,9 +26,9 @@ import attrs
 
 __all__ = [
     "AuthenticationError",
+    "EntityNotFoundError",
     "ErrorContext",
     "ErrorSource",
-    "EntityNotFoundError",
     "MessageAlreadySettledError",
     "MessageLockLostError",
     "MessageNotFoundError",

@@ -31,6 +31,7 @@ from typing import Any
 
 import attrs
 import trio
+import trio.lowlevel
 
 from .._errors import (
     EntityNotFoundError,
@@ -325,7 +326,7 @@ class MemoryBroker:
             ValueError: a message without ``session_id`` was sent to a queue that
                 requires sessions.
         """
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         batch = [messages] if isinstance(messages, Message) else list(messages)
         for item in batch:
             if not isinstance(item, Message):
@@ -406,7 +407,7 @@ class MemoryBroker:
             SessionCannotBeLockedError: another receiver holds ``session_id``.
             OperationTimeoutError: no session became available within ``max_wait_time``.
         """
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         target = self._entity(str(entity))
         if not target.requires_session:
             raise SessionsNotEnabledError(
@@ -484,9 +485,8 @@ class MemoryBroker:
         while heap and heap[0][0] <= now:
             deadline, _, key = heapq.heappop(heap)
             session = entity.sessions.get(key)
-            if session is not None and session.link is not None:
-                if session.locked_until == deadline:
-                    self._unlock(entity, session, lost=True)
+            if session is not None and session.link is not None and session.locked_until == deadline:
+                self._unlock(entity, session, lost=True)
 
     def _unlock(self, entity: _Entity, session: _Session, *, lost: bool) -> None:
         """Release the session lock; unsettled messages are returned (delivery_count + 1)."""
@@ -733,7 +733,7 @@ class MemorySessionLink:
     async def receive(self, max_count: int) -> list[ReceivedMessage]:
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         session = self._session
         while True:
             self._broker._inject("receive")
@@ -801,7 +801,7 @@ class MemorySessionLink:
             session.deferred[record.sequence_number] = record
 
     async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         results: list[BaseException | None] = []
         for settlement in settlements:
             try:
@@ -813,7 +813,7 @@ class MemorySessionLink:
         return results
 
     async def _settle_single(self, settlement: Settlement) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         self._settle_one(settlement)
 
     async def complete(self, message: ReceivedMessage) -> None:
@@ -834,7 +834,7 @@ class MemorySessionLink:
         await self._settle_single(Defer(message))
 
     async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         self._broker._inject("receive_deferred")
         self._check()
         if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:
@@ -860,7 +860,7 @@ class MemorySessionLink:
         return out
 
     async def renew_lock(self) -> float:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         self._broker._inject("renew_lock")
         self._check()
         deadline = trio.current_time() + self._entity.lock_duration
@@ -868,13 +868,13 @@ class MemorySessionLink:
         return deadline
 
     async def get_state(self) -> bytes | None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         self._broker._inject("get_state")
         self._check()
         return self._session.state
 
     async def set_state(self, state: bytes | None) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         if state is not None and not isinstance(state, bytes):
             raise TypeError(f"session state must be bytes or None, not {type(state).__name__}")
         self._broker._inject("set_state")
@@ -888,7 +888,7 @@ class MemorySessionLink:
         session = self._session
         if not self._lost and session.link is self:
             self._broker._unlock(self._entity, session, lost=False)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
 
 
 # The type checker confirms the reference backend matches the seam.

@@ -1,0 +1,487 @@
+"""`open_session_manager` and `SessionManager`: the supervisor of the session actors.
+
+::
+
+    subscribe*() ── supervisor nursery
+        ├─ accept scope ── acceptor tasks (at most ACCEPTORS, or one per session id)
+        │     each takes a CapacityLimiter token on behalf of the actor it will start,
+        │     accepts a session, and starts the actor in the supervisor nursery
+        └─ SessionActor tasks: one per locked session; each gives its token back when it ends
+
+No nursery stays open around the ``yield`` of `open_session_manager`, so exceptions
+from the body of the ``async with`` block leave it as themselves; the supervisor
+nursery lives inside ``subscribe``/``subscribe_sessions``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import trio
+
+from ._actor import CLOSE_TIMEOUT, ActorHooks, SessionActor, SessionHandler
+from ._context import state_to_bytes
+from ._errors import (
+    FATAL_ERRORS,
+    TRANSIENT_ERRORS,
+    ErrorContext,
+    ErrorSource,
+    OperationTimeoutError,
+    SessionCannotBeLockedError,
+)
+from ._messages import EntityPath
+from ._options import ReceiveMode, SessionManagerOptions
+from ._stats import Counters, ManagerStats
+from .backends._abc import Backend, SessionLink
+
+__all__ = ["SessionManager", "open_session_manager"]
+
+logger = logging.getLogger("trio_sessions")
+
+#: Accepts of next-available sessions in flight at once: enough that one slow accept
+#: does not serialise acquisition, few enough not to hold many server-side waits.
+ACCEPTORS = 4
+
+ErrorHandler = Callable[[ErrorContext], Awaitable[object]]
+
+#: Accept errors retried with backoff; SessionCannotBeLockedError happens for a listed
+#: session id that another receiver holds.
+_RETRIED_ACCEPT_ERRORS: tuple[type[BaseException], ...] = (
+    *TRANSIENT_ERRORS,
+    SessionCannotBeLockedError,
+)
+
+
+def _check_async(name: str, fn: object, *, optional: bool = False) -> None:
+    if fn is None and optional:
+        return
+    target = fn
+    if (
+        callable(fn)
+        and not inspect.isfunction(fn)
+        and not inspect.ismethod(fn)
+        and not inspect.iscoroutinefunction(fn)  # functools.partial is unwrapped by inspect
+    ):
+        target = type(fn).__call__  # an object with an async __call__
+    if not inspect.iscoroutinefunction(target):
+        raise TypeError(
+            f"{name} must be an async function (async def), got {fn!r}"
+        )
+
+
+def _entity_path(
+    queue_name: str | None, topic_name: str | None, subscription_name: str | None
+) -> EntityPath:
+    for name, value in (
+        ("queue_name", queue_name),
+        ("topic_name", topic_name),
+        ("subscription_name", subscription_name),
+    ):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{name} must be a non-empty str or None, got {value!r}")
+    if queue_name is not None and topic_name is None and subscription_name is None:
+        return EntityPath(queue_name=queue_name)
+    if queue_name is None and topic_name is not None and subscription_name is not None:
+        return EntityPath(topic_name=topic_name, subscription_name=subscription_name)
+    raise ValueError(
+        "give exactly one of queue_name, or topic_name together with subscription_name; "
+        f"got queue_name={queue_name!r}, topic_name={topic_name!r}, "
+        f"subscription_name={subscription_name!r}"
+    )
+
+
+@final
+class SessionManager:
+    """Reads many sessions of one entity at once, with bounded concurrency.
+
+    Made by `open_session_manager`; see `subscribe` and `subscribe_sessions`.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        entity: EntityPath,
+        receive_mode: ReceiveMode,
+        options: SessionManagerOptions,
+        /,
+    ) -> None:
+        self._backend = backend
+        self._entity = entity
+        self._receive_mode = receive_mode
+        self._options = options
+        self._counters = Counters()
+        self._actors: dict[str, SessionActor] = {}
+        self._stopped = False
+        self._closed = False
+        self._running = False
+        self._not_running = trio.Event()
+        self._not_running.set()
+        self._accept_scope: trio.CancelScope | None = None
+        self._fatal: BaseException | None = None
+        self._process_error: ErrorHandler | None = None
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"<SessionManager entity={self._entity.path!r} stopped={self._stopped}>"
+
+    @property
+    def entity_path(self) -> str:
+        """The queue, or ``"<topic>/subscriptions/<subscription>"``, this manager reads."""
+        return self._entity.path
+
+    @property
+    def options(self) -> SessionManagerOptions:
+        """The options this manager was opened with."""
+        return self._options
+
+    def stats(self) -> ManagerStats:
+        """A snapshot of the counters: sessions held, messages settled, errors reported."""
+        return self._counters.snapshot()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        process_message: Callable[..., Awaitable[object]],
+        *,
+        process_error: ErrorHandler | None = None,
+        session_initializing: SessionHandler | None = None,
+        session_closing: SessionHandler | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Process messages with ``await process_message(message, context)`` until stopped.
+
+        Runs until `stop`, cancellation, or a fatal error; works with ``nursery.start``
+        (started once accepting has begun).
+
+        ``process_error(error_context)`` is told of every handler exception and every
+        retried error; ``session_initializing(context)`` runs after a session is accepted,
+        before its first message; ``session_closing(context)`` before it is released.
+
+        Cancellation:
+            Cancelling ``subscribe`` cancels every handler at once and closes every
+            session; unsettled messages are delivered again (use `stop` to drain).
+
+        Error handling:
+            Handler exceptions are reported and the message abandoned (with
+            ``auto_complete``). Transient errors are retried with backoff. A fatal error
+            (`EntityNotFoundError`, `AuthenticationError`, `SessionsNotEnabledError`)
+            stops the manager and is raised, alone, once every task has ended.
+
+        Raises:
+            TypeError: a callback is not an async function (before any session is accepted).
+            RuntimeError: another ``subscribe*`` of this manager is running.
+        """
+        _check_async("process_message", process_message)
+        await self._run(
+            process_error,
+            task_status,
+            process_message=process_message,
+            session_initializing=session_initializing,
+            session_closing=session_closing,
+        )
+
+    async def subscribe_sessions(
+        self,
+        process_session: Callable[..., Awaitable[object]],
+        *,
+        process_error: ErrorHandler | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The actor form: ``await process_session(session)`` once per acquired session.
+
+        ``session`` is a `SessionContext` that is also an async iterator of the session's
+        messages; iteration ends when the session goes idle, is released, or the manager
+        stops. When ``process_session`` returns, the message it last received is
+        completed (with ``auto_complete``, unless settled); when it raises, that message
+        is abandoned and the error reported with source ``PROCESS_MESSAGE``.
+
+        Otherwise as `subscribe`.
+        """
+        _check_async("process_session", process_session)
+        await self._run(process_error, task_status, process_session=process_session)
+
+    async def _run(
+        self,
+        process_error: ErrorHandler | None,
+        task_status: trio.TaskStatus[None],
+        **callbacks: Any,
+    ) -> None:
+        _check_async("process_error", process_error, optional=True)
+        for name in ("session_initializing", "session_closing"):
+            _check_async(name, callbacks.get(name), optional=True)
+        if self._closed:
+            raise RuntimeError("this session manager is closed (its async with block ended)")
+        if self._running:
+            raise RuntimeError("this session manager is running a subscribe already")
+        if self._stopped:
+            task_status.started()
+            return
+        self._running = True
+        self._not_running = trio.Event()
+        self._process_error = process_error
+        hooks = ActorHooks(
+            options=self._options,
+            receive_mode=self._receive_mode,
+            entity_path=self._entity.path,
+            counters=self._counters,
+            report=self._report,
+            **callbacks,
+        )
+        try:
+            async with trio.open_nursery() as supervisor:
+                limiter = trio.CapacityLimiter(self._options.max_concurrent_sessions)
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    if self._stopped:  # stop() was called by a callback racing us
+                        accept_scope.cancel()
+                    task_status.started()
+                    async with trio.open_nursery() as acceptors:
+                        session_ids = self._options.session_ids
+                        if session_ids is None:
+                            count = min(ACCEPTORS, self._options.max_concurrent_sessions)
+                            for i in range(count):
+                                acceptors.start_soon(
+                                    self._acceptor, supervisor, limiter, hooks, None,
+                                    name=f"acceptor {i}",
+                                )
+                        else:
+                            for sid in session_ids:
+                                acceptors.start_soon(
+                                    self._acceptor, supervisor, limiter, hooks, sid,
+                                    name=f"acceptor {sid}",
+                                )
+                self._accept_scope = None
+        finally:
+            self._running = False
+            self._not_running.set()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _acceptor(
+        self,
+        supervisor: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        hooks: ActorHooks,
+        session_id: str | None,
+    ) -> None:
+        options = self._options
+        attempt = 0
+        while True:
+            borrower = object()
+            await limiter.acquire_on_behalf_of(borrower)
+            try:
+                link = await self._backend.accept_session(
+                    self._entity,
+                    session_id,
+                    receive_mode=self._receive_mode,
+                    max_wait_time=options.accept_timeout,
+                    prefetch_count=options.prefetch_count,
+                )
+            except OperationTimeoutError:
+                limiter.release_on_behalf_of(borrower)
+                continue  # no session was free within accept_timeout: not an error
+            except FATAL_ERRORS as exc:
+                limiter.release_on_behalf_of(borrower)
+                self._fail(exc)
+                return
+            except _RETRIED_ACCEPT_ERRORS as exc:
+                limiter.release_on_behalf_of(borrower)
+                await self._report(exc, ErrorSource.ACCEPT_SESSION, session_id, False)
+                await trio.sleep(options.retry.delay(attempt, self._rng))
+                attempt += 1
+                continue
+            except BaseException:
+                limiter.release_on_behalf_of(borrower)
+                raise
+            attempt = 0
+            actor = self._start_actor(supervisor, link, hooks, limiter, borrower)
+            if session_id is not None:
+                # Never hold one session twice: accept it again only once it is closed.
+                await actor.done.wait()
+
+    def _start_actor(
+        self,
+        supervisor: trio.Nursery,
+        link: SessionLink,
+        hooks: ActorHooks,
+        limiter: trio.CapacityLimiter,
+        borrower: object,
+    ) -> SessionActor:
+        actor = SessionActor(link, hooks)
+        sid = link.session_id
+        counters = self._counters
+        counters.sessions_accepted += 1
+        counters.active_sessions += 1
+        self._actors[sid] = actor
+
+        def on_exit(done: SessionActor) -> None:
+            counters.active_sessions -= 1
+            counters.sessions_closed += 1
+            if self._actors.get(sid) is done:
+                del self._actors[sid]
+            limiter.release_on_behalf_of(borrower)
+
+        supervisor.start_soon(actor.run, on_exit, name=f"session {sid}")
+        if self._stopped:
+            actor.drain(trio.current_time() + self._options.shutdown_timeout)
+        return actor
+
+    def _fail(self, error: BaseException) -> None:
+        """A fatal error: remember the first, stop, and let ``subscribe*`` raise it."""
+        logger.error("fatal error on %s: %s", self._entity.path, error)
+        if self._fatal is None:
+            self._fatal = error
+        self.stop()
+
+    async def _report(
+        self, error: BaseException, source: ErrorSource, session_id: str | None, handler: bool
+    ) -> None:
+        if handler:
+            self._counters.handler_errors += 1
+        else:
+            self._counters.errors += 1
+        context = ErrorContext(
+            error=error, source=source, session_id=session_id, entity_path=self._entity.path
+        )
+        callback = self._process_error
+        if callback is None:
+            logger.warning(
+                "%s error in session %s of %s: %r",
+                source.value, session_id, self._entity.path, error,
+            )
+            return
+        try:
+            await callback(context)
+        except Exception:
+            logger.exception("process_error raised while handling %r", error)
+
+    def stop(self) -> None:
+        """Stop accepting, drain, and close: final.
+
+        In-flight handlers get ``shutdown_timeout`` seconds to finish (settlements keep
+        working meanwhile), then they are cancelled; messages received but not handed to
+        a handler are abandoned; every session is closed. A running ``subscribe*``
+        returns once that is done; a later one returns at once.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        if self._actors:
+            grace_deadline = trio.current_time() + self._options.shutdown_timeout
+            for actor in list(self._actors.values()):
+                actor.drain(grace_deadline)
+
+    # -- session state -------------------------------------------------------------------
+
+    async def get_state(self, session_id: str) -> bytes | None:
+        """The state of ``session_id``.
+
+        Routed to the session's actor if this manager holds the session; otherwise the
+        session is accepted just for the call.
+
+        Raises:
+            SessionCannotBeLockedError: another receiver holds the session.
+        """
+        result: bytes | None = await self._with_session(session_id, "get", None)
+        return result
+
+    async def set_state(self, session_id: str, state: bytes | str | None) -> None:
+        """Replace the state of ``session_id`` (a str is stored as UTF-8; None clears it).
+
+        Raises:
+            TypeError: ``state`` is not bytes, str or None.
+            SessionCannotBeLockedError: another receiver holds the session.
+        """
+        await self._with_session(session_id, "set", state_to_bytes(state))
+
+    async def _with_session(self, session_id: str, op: str, state: bytes | None) -> Any:
+        if not isinstance(session_id, str) or not session_id:
+            raise TypeError(f"session_id must be a non-empty str, got {session_id!r}")
+        if self._closed:
+            raise RuntimeError("this session manager is closed (its async with block ended)")
+        while True:
+            actor = self._actors.get(session_id)
+            if actor is None:
+                break
+            try:
+                if op == "get":
+                    return await actor.get_state()
+                return await actor.set_state(state)
+            except trio.ClosedResourceError:
+                await actor.done.wait()  # it is closing: use the session once it is free
+        link = await self._backend.accept_session(
+            self._entity,
+            session_id,
+            receive_mode=self._receive_mode,
+            max_wait_time=self._options.accept_timeout,
+        )
+        try:
+            if op == "get":
+                return await link.get_state()
+            return await link.set_state(state)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await link.aclose()
+
+    async def _close(self) -> None:
+        self.stop()
+        await self._not_running.wait()
+        self._closed = True
+
+
+@asynccontextmanager
+async def open_session_manager(
+    backend: Backend,
+    *,
+    queue_name: str | None = None,
+    topic_name: str | None = None,
+    subscription_name: str | None = None,
+    receive_mode: ReceiveMode = ReceiveMode.PEEK_LOCK,
+    options: SessionManagerOptions = SessionManagerOptions(),  # noqa: B008 - frozen
+) -> AsyncIterator[SessionManager]:
+    """Open a session manager on a queue, or on a topic's subscription.
+
+    ::
+
+        async with open_session_manager(broker, queue_name="docs") as manager:
+            await manager.subscribe(process_message)
+
+    Leaving the block calls `SessionManager.stop` and waits for a running ``subscribe*``
+    to return. No I/O happens until ``subscribe*`` or a state call.
+
+    Raises:
+        ValueError: not exactly one of ``queue_name`` or (``topic_name`` and
+            ``subscription_name``); or ``prefetch_count > 0`` with
+            ``RECEIVE_AND_DELETE`` (a stop would lose the buffer).
+        TypeError: an argument has the wrong type.
+    """
+    entity = _entity_path(queue_name, topic_name, subscription_name)
+    if not isinstance(receive_mode, ReceiveMode):
+        raise TypeError(
+            f"receive_mode must be ReceiveMode.PEEK_LOCK or ReceiveMode.RECEIVE_AND_DELETE, "
+            f"not {receive_mode!r}"
+        )
+    if not isinstance(options, SessionManagerOptions):
+        raise TypeError(f"options must be a SessionManagerOptions, not {options!r}")
+    if receive_mode is ReceiveMode.RECEIVE_AND_DELETE and options.prefetch_count > 0:
+        raise ValueError(
+            "prefetch_count must be 0 with ReceiveMode.RECEIVE_AND_DELETE: prefetched "
+            "messages are deleted on receipt and a stop would lose them"
+        )
+    accept = getattr(backend, "accept_session", None)
+    if accept is None or not inspect.iscoroutinefunction(accept):
+        raise TypeError(f"backend must be a MemoryBroker or AzureServiceBus, not {backend!r}")
+    manager = SessionManager(backend, entity, receive_mode, options)
+    try:
+        yield manager
+    finally:
+        await manager._close()
+
