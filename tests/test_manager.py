@@ -384,7 +384,7 @@ async def test_expired_lock_found_by_a_settlement_is_reported_once(
 
     async def handle(message: ReceivedMessage, context: SessionContext) -> None:
         if message.delivery_count == 0:
-            broker.expire_session_lock(Q, "a")
+            broker.fail_next("complete", SessionLockLostError("lost, as the broker says"))
             try:
                 await context.complete(message)
             except SessionLockLostError as exc:
@@ -400,6 +400,32 @@ async def test_expired_lock_found_by_a_settlement_is_reported_once(
     assert stats.handler_errors == 0
     assert stats.messages_completed == 1  # the redelivery
     assert broker.active_message_count(Q) == 0
+
+
+async def test_lock_lost_at_the_broker_cancels_handlers_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lock the broker takes away early cancels the session's handlers before anyone
+    else can take the session, so no two handlers of it ever overlap."""
+    broker = make_broker()
+    await broker.send(Q, Message(b"1", session_id="a"))
+    events: list[tuple[str, int]] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        events.append(("start", message.delivery_count))
+        try:
+            if message.delivery_count == 0:
+                broker.expire_session_lock(Q, "a")
+                await trio.sleep(5)
+        finally:
+            events.append(("end", message.delivery_count))
+
+    errors = Errors()
+    async with running(broker, handle, errors=errors) as manager:
+        await trio.sleep(1)
+        assert manager.stats().messages_completed == 1
+    assert events == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    assert errors.kinds() == [(SessionLockLostError, ErrorSource.RENEW_LOCK)]
 
 
 async def test_failed_renewal_is_a_lock_loss(autojump_clock: trio.testing.MockClock) -> None:

@@ -141,6 +141,7 @@ class SessionActor:
         self._wake_pump = trio.Event()
         self._lock_lost: SessionLockLostError | None = None
         self._receive_attempt = 0
+        link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
 
     # -- SessionPort (what the context calls) ---------------------------------------------
 

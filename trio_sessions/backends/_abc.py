@@ -12,9 +12,10 @@ Times inside the core are Trio-clock deadlines (``trio.current_time()`` units);
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from .._errors import SessionLockLostError
 from .._messages import EntityPath, Message, ReceivedMessage, Settlement
 from .._options import ReceiveMode
 
@@ -76,6 +77,16 @@ class SessionLink(Protocol):
 
     async def aclose(self) -> None:
         """Release the session lock; unsettled messages become available again."""
+        ...
+
+    def on_lock_lost(self, callback: Callable[[SessionLockLostError], None]) -> None:
+        """Call ``callback`` (synchronously, at most once) when the broker takes the lock away.
+
+        This is how a holder learns at once of a lock lost on the broker's side (Service
+        Bus detaches the link), so its handlers stop before another receiver can take
+        the session. (It may also be called when the lock lapses at `locked_until`,
+        which the holder knows anyway.)
+        """
         ...
 
 

@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -146,6 +146,7 @@ class _Entity:
     changed: trio.Event = attrs.field(factory=trio.Event)
     dead_letters: list[_Record] = attrs.field(factory=list)
     expired: list[_Record] = attrs.field(factory=list)
+    completed: list[_Record] = attrs.field(factory=list)
 
     def notify(self) -> None:
         """Wake every waiting accept: a session may have become available."""
@@ -180,9 +181,14 @@ class MemoryBroker:
     so under `trio.testing.MockClock` they follow virtual time.
 
     It is also a (no-op) async context manager, so code can treat every backend alike.
+
+    Args:
+        record_completed: keep every completed message, for `completed_messages` (tests
+            and history checkers; off by default so long runs do not grow).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, record_completed: bool = False) -> None:
+        self._record_completed = record_completed
         self._queues: dict[str, _Entity] = {}
         self._topics: dict[str, _Topic] = {}
         self._entities: dict[str, _Entity] = {}
@@ -492,8 +498,9 @@ class MemoryBroker:
         """Release the session lock; unsettled messages are returned (delivery_count + 1)."""
         link = session.link
         assert link is not None
-        link._lost = lost
         session.link = None
+        if lost:
+            link._lose()
         session.locked_until = -math.inf
         locked = sorted(session.locked.values(), key=lambda record: record.sequence_number)
         session.locked.clear()
@@ -674,6 +681,12 @@ class MemoryBroker:
         self._settle_pending(target)
         return [self._received(record, None) for record in target.expired]
 
+    def completed_messages(self, entity: str) -> list[ReceivedMessage]:
+        """Messages completed so far, in completion order (needs ``record_completed=True``)."""
+        if not self._record_completed:
+            raise RuntimeError("create the broker with MemoryBroker(record_completed=True)")
+        return [self._received(record, None) for record in self._entity(entity).completed]
+
     def session_state(self, entity: str, session_id: str) -> bytes | None:
         """The state of a session, read without locking it."""
         session = self._entity(entity).sessions.get(session_id)
@@ -702,6 +715,7 @@ class MemorySessionLink:
         self._receive_mode = receive_mode
         self._lost = False
         self._closed = False
+        self._lost_callback: Callable[[SessionLockLostError], None] | None = None
 
     def __repr__(self) -> str:
         return f"<MemorySessionLink {self._entity.path}/{self._session.session_id}>"
@@ -718,6 +732,22 @@ class MemorySessionLink:
     def locked_until_utc(self) -> dt.datetime:
         return self._broker._utc(self._session.locked_until)
 
+    def on_lock_lost(self, callback: Callable[[SessionLockLostError], None]) -> None:
+        self._lost_callback = callback
+
+    def _lost_error(self) -> SessionLockLostError:
+        return SessionLockLostError(
+            f"the lock of session {self._session.session_id!r} of {self._entity.path!r} "
+            "expired or was lost"
+        )
+
+    def _lose(self) -> None:
+        """The broker took the lock away: tell the holder (a link detach on Service Bus)."""
+        self._lost = True
+        callback, self._lost_callback = self._lost_callback, None
+        if callback is not None and not self._closed:
+            callback(self._lost_error())
+
     def _check(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this session link was closed")
@@ -725,10 +755,7 @@ class MemorySessionLink:
         if session.link is self and trio.current_time() >= session.locked_until:
             self._broker._unlock(self._entity, session, lost=True)
         if self._lost or session.link is not self:
-            raise SessionLockLostError(
-                f"the lock of session {session.session_id!r} of {self._entity.path!r} "
-                "expired or was lost"
-            )
+            raise self._lost_error()
 
     async def receive(self, max_count: int) -> list[ReceivedMessage]:
         if max_count < 1:
@@ -789,6 +816,8 @@ class MemorySessionLink:
         record.lock_token = None
         if isinstance(settlement, Complete):
             session.deferred.pop(record.sequence_number, None)
+            if self._broker._record_completed:
+                self._entity.completed.append(record)
         elif isinstance(settlement, Abandon):
             self._broker._return(self._entity, session, record)
         elif isinstance(settlement, DeadLetter):
