@@ -73,7 +73,10 @@ async def running(
 ) -> AsyncIterator[SessionManager]:
     """A manager running ``subscribe(handler)`` in the background until the block ends."""
     async with open_session_manager(
-        broker, queue_name=Q, options=options or SessionManagerOptions(), **kwargs  # type: ignore[arg-type]
+        broker,
+        queue_name=Q,
+        options=options or SessionManagerOptions(),
+        **kwargs,  # type: ignore[arg-type]
     ) as manager:
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -878,8 +881,9 @@ async def test_leaving_the_block_stops_and_waits_for_subscribe(
         finished.set()
 
     async with trio.open_nursery() as nursery:
+        # The manager closes before the nursery on purpose: leaving its block must wait.
         async with open_session_manager(broker, queue_name=Q) as manager:
-            nursery.start_soon(manager.subscribe, handle)
+            nursery.start_soon(manager.subscribe, handle)  # noqa: ASYNC111
             await started.wait()
         assert finished.is_set()
         assert trio.current_time() == pytest.approx(3)
@@ -1109,9 +1113,7 @@ async def test_session_ids_limit_the_sessions_read(
     options = SessionManagerOptions(session_ids=("s1", "s3", "empty"), session_idle_timeout=5)
     async with open_session_manager(broker, queue_name=Q, options=options) as manager:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: manager.subscribe(handle, session_initializing=init)
-            )
+            nursery.start_soon(lambda: manager.subscribe(handle, session_initializing=init))
             await trio.sleep(1)
             assert sorted(broker.locked_sessions(Q)) == ["empty", "s1", "s3"]
             await trio.sleep(10)
@@ -1144,9 +1146,7 @@ async def test_session_ids_held_elsewhere_are_retried(
         await trio.sleep(60)
         assert seen == [b"1"]
         assert manager.stats().errors >= 1
-    assert {k for k in errors.kinds()} == {
-        (SessionCannotBeLockedError, ErrorSource.ACCEPT_SESSION)
-    }
+    assert {k for k in errors.kinds()} == {(SessionCannotBeLockedError, ErrorSource.ACCEPT_SESSION)}
 
 
 async def test_state_by_session_id(autojump_clock: trio.testing.MockClock) -> None:

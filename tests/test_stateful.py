@@ -127,11 +127,17 @@ async def scenario(data: st.DataObject) -> None:
     counter = 0
 
     async with trio.open_nursery() as nursery:
+        stopped = trio.Event()
 
-        async def run_manager(task_status: trio.TaskStatus[None]) -> None:
+        async def run_manager(task_status: trio.TaskStatus[None]) -> None:  # noqa: ASYNC128
+            nonlocal stopped
+            stopped = trio.Event()
             async with open_session_manager(broker, queue_name=Q, options=options) as manager:
                 world.manager = manager
-                await manager.subscribe(world.handle, process_error=on_error, task_status=task_status)
+                await manager.subscribe(
+                    world.handle, process_error=on_error, task_status=task_status
+                )
+            stopped.set()  # subscribe returned: every session is closed
 
         await nursery.start(run_manager)
         steps = data.draw(st.integers(1, 12), label="steps")
@@ -159,8 +165,7 @@ async def scenario(data: st.DataObject) -> None:
                 assert world.manager is not None
                 world.manager.stop()
                 with trio.fail_after(200):
-                    while world.manager.stats().active_sessions:
-                        await trio.sleep(1)
+                    await stopped.wait()
                 await nursery.start(run_manager)
             world.check()
         # Let everything settle: no message may stay active unless deferred.

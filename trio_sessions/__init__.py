@@ -84,10 +84,7 @@ def _fixup_module_metadata() -> None:
     for name in __all__:
         obj = globals().get(name)
         if obj is not None and getattr(obj, "__module__", "").startswith("trio_sessions."):
-            try:
-                obj.__module__ = "trio_sessions"
-            except (AttributeError, TypeError):  # pragma: no cover
-                pass
+            obj.__module__ = "trio_sessions"
 
 
 _fixup_module_metadata()

@@ -19,12 +19,11 @@ cancellation, no token to check) and nothing more is settled on that lock.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -38,8 +37,12 @@ from ._errors import (
 from ._messages import Abandon, Complete, DeadLetter, ReceivedMessage, Settlement
 from ._options import ReceiveMode, SessionManagerOptions
 from ._renewal import next_lock_action
-from ._stats import Counters
-from .backends._abc import SessionLink
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from ._stats import Counters
+    from .backends._abc import SessionLink
 
 __all__ = ["ActorHooks", "SessionActor"]
 
@@ -197,6 +200,10 @@ class SessionActor:
     async def renew_lock(self) -> dt.datetime:
         await self._request("renew")
         return self._locked_until_utc
+
+    def released(self) -> bool:
+        """Whether `release` was called (a method, so type checkers re-read it after awaits)."""
+        return self._draining
 
     def release(self) -> None:
         """Hand no more messages to user code; close once in-flight handlers finish."""
@@ -384,7 +391,9 @@ class SessionActor:
                     self._lock_lost_source = ErrorSource.RENEW_LOCK
                 if self._lock_lost is not None:
                     logger.info("session %s lost its lock", self.session_id)
-                    await hooks.report(self._lock_lost, self._lock_lost_source, self.session_id, False)
+                    await hooks.report(
+                        self._lock_lost, self._lock_lost_source, self.session_id, False
+                    )
                 self._requests_tx.close()
         finally:
             self._requests_tx.close()
@@ -488,7 +497,7 @@ class SessionActor:
             if not batch:
                 return None
             self._buffer.extend(batch)
-            if self._draining:  # released while the batch arrived: it is given back
+            if self.released():  # released while the batch arrived: it is given back
                 return None
         return self._buffer.popleft()
 

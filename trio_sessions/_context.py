@@ -6,11 +6,13 @@ whose own tasks do all the session's I/O (DESIGN §2).
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Sequence
-from typing import Protocol, final
+from typing import TYPE_CHECKING, Protocol, final
 
 from ._messages import Abandon, Complete, DeadLetter, Defer, ReceivedMessage, Settlement
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Sequence
 
 __all__ = ["SessionContext", "SessionPort", "state_to_bytes"]
 

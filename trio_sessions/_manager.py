@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import trio
 
@@ -37,7 +37,9 @@ from ._errors import (
 from ._messages import EntityPath
 from ._options import ReceiveMode, SessionManagerOptions
 from ._stats import Counters, ManagerStats
-from .backends._abc import Backend, SessionLink
+
+if TYPE_CHECKING:
+    from .backends._abc import Backend, SessionLink
 
 __all__ = ["SessionManager", "open_session_manager"]
 
@@ -60,18 +62,11 @@ _RETRIED_ACCEPT_ERRORS: tuple[type[BaseException], ...] = (
 def _check_async(name: str, fn: object, *, optional: bool = False) -> None:
     if fn is None and optional:
         return
-    target = fn
-    if (
-        callable(fn)
-        and not inspect.isfunction(fn)
-        and not inspect.ismethod(fn)
-        and not inspect.iscoroutinefunction(fn)  # functools.partial is unwrapped by inspect
-    ):
-        target = type(fn).__call__  # an object with an async __call__
-    if not inspect.iscoroutinefunction(target):
-        raise TypeError(
-            f"{name} must be an async function (async def), got {fn!r}"
-        )
+    is_async = inspect.iscoroutinefunction(fn)  # functools.partial is unwrapped by inspect
+    if not is_async and callable(fn) and not inspect.isroutine(fn):
+        is_async = inspect.iscoroutinefunction(type(fn).__call__)  # an async __call__
+    if not is_async:
+        raise TypeError(f"{name} must be an async function (async def), got {fn!r}")
 
 
 def _entity_path(
@@ -145,7 +140,7 @@ class SessionManager:
 
     # -- running -------------------------------------------------------------------------
 
-    async def subscribe(
+    async def subscribe(  # noqa: ASYNC128 - task_status is handed to _run, which starts
         self,
         process_message: Callable[..., Awaitable[object]],
         *,
@@ -186,7 +181,7 @@ class SessionManager:
             session_closing=session_closing,
         )
 
-    async def subscribe_sessions(
+    async def subscribe_sessions(  # noqa: ASYNC128 - task_status is handed to _run
         self,
         process_session: Callable[..., Awaitable[object]],
         *,
@@ -238,7 +233,7 @@ class SessionManager:
                 limiter = trio.CapacityLimiter(self._options.max_concurrent_sessions)
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
-                    if self._stopped:  # stop() was called by a callback racing us
+                    if self.stopped():  # stop() was called by a callback racing us
                         accept_scope.cancel()
                     task_status.started()
                     async with trio.open_nursery() as acceptors:
@@ -247,13 +242,21 @@ class SessionManager:
                             count = min(ACCEPTORS, self._options.max_concurrent_sessions)
                             for i in range(count):
                                 acceptors.start_soon(
-                                    self._acceptor, supervisor, limiter, hooks, None,
+                                    self._acceptor,
+                                    supervisor,
+                                    limiter,
+                                    hooks,
+                                    None,
                                     name=f"acceptor {i}",
                                 )
                         else:
                             for sid in session_ids:
                                 acceptors.start_soon(
-                                    self._acceptor, supervisor, limiter, hooks, sid,
+                                    self._acceptor,
+                                    supervisor,
+                                    limiter,
+                                    hooks,
+                                    sid,
                                     name=f"acceptor {sid}",
                                 )
                 self._accept_scope = None
@@ -353,13 +356,20 @@ class SessionManager:
         if callback is None:
             logger.warning(
                 "%s error in session %s of %s: %r",
-                source.value, session_id, self._entity.path, error,
+                source.value,
+                session_id,
+                self._entity.path,
+                error,
             )
             return
         try:
             await callback(context)
         except Exception:
             logger.exception("process_error raised while handling %r", error)
+
+    def stopped(self) -> bool:
+        """Whether `stop` was called (it is final)."""
+        return self._stopped
 
     def stop(self) -> None:
         """Stop accepting, drain, and close: final.
@@ -483,5 +493,7 @@ async def open_session_manager(
     try:
         yield manager
     finally:
-        await manager._close()
-
+        # Stop, then wait for a running subscribe* to drain: it needs at most the grace
+        # plus closing time, so the wait is bounded even when we are being cancelled.
+        with trio.move_on_after(options.shutdown_timeout + 2 * CLOSE_TIMEOUT, shield=True):
+            await manager._close()

@@ -48,9 +48,7 @@ def _to_properties(value: object) -> dict[str, Any] | None:
         )
     for key in value:
         if not isinstance(key, str):
-            raise TypeError(
-                f"Message.application_properties keys must be str, not {key!r}"
-            )
+            raise TypeError(f"Message.application_properties keys must be str, not {key!r}")
     return dict(value)
 
 

@@ -65,9 +65,7 @@ def _to_session_ids(value: object) -> tuple[str, ...] | None:
     if value is None or isinstance(value, tuple):
         return value  # element types are checked by the validator
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"session_ids must be None or a tuple of session id strings, not {value!r}"
-        )
+        raise TypeError(f"session_ids must be None or a tuple of session id strings, not {value!r}")
     return tuple(value)
 
 

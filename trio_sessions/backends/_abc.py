@@ -11,13 +11,16 @@ Times inside the core are Trio-clock deadlines (``trio.current_time()`` units);
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .._errors import SessionLockLostError
-from .._messages import EntityPath, Message, ReceivedMessage, Settlement
 from .._options import ReceiveMode
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Callable, Sequence
+
+    from .._errors import SessionLockLostError
+    from .._messages import EntityPath, Message, ReceivedMessage, Settlement
 
 __all__ = ["Backend", "SessionLink"]
 

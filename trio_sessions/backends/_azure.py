@@ -9,8 +9,10 @@ yet; constructing the class works (so configuration can be checked), entering it
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 __all__ = ["AzureServiceBus"]
 
@@ -20,8 +22,10 @@ class AzureServiceBus:
 
     def __init__(self, fully_qualified_namespace: str, credential: object, **client_kwargs: Any):
         if not isinstance(fully_qualified_namespace, str) or not fully_qualified_namespace:
-            raise ValueError("fully_qualified_namespace must be a host name such as "
-                             "'<namespace>.servicebus.windows.net'")
+            raise ValueError(
+                "fully_qualified_namespace must be a host name such as "
+                "'<namespace>.servicebus.windows.net'"
+            )
         self._namespace = fully_qualified_namespace
         self._credential = credential
         self._client_kwargs = client_kwargs
@@ -30,9 +34,7 @@ class AzureServiceBus:
     @classmethod
     def from_connection_string(cls, conn_str: str, **client_kwargs: Any) -> AzureServiceBus:
         """Build from a ``Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...`` string."""
-        parts = dict(
-            part.split("=", 1) for part in conn_str.split(";") if "=" in part
-        )
+        parts = dict(part.split("=", 1) for part in conn_str.split(";") if "=" in part)
         endpoint = parts.get("Endpoint")
         if not endpoint:
             raise ValueError("the connection string has no Endpoint=sb://<host>/ part")

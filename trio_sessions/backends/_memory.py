@@ -25,9 +25,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -53,6 +51,12 @@ from .._messages import (
     Settlement,
 )
 from .._options import ReceiveMode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from types import TracebackType
+
+    from ._abc import Backend, SessionLink
 
 __all__ = ["MemoryBroker", "MemorySessionLink"]
 
@@ -344,8 +348,7 @@ class MemoryBroker:
                 for item in batch:
                     if item.session_id is None:
                         raise ValueError(
-                            f"queue {entity!r} requires sessions: every Message needs a "
-                            "session_id"
+                            f"queue {entity!r} requires sessions: every Message needs a session_id"
                         )
         elif entity in self._topics:
             targets = list(self._topics[entity].subscriptions.values())
@@ -481,9 +484,7 @@ class MemoryBroker:
 
     def _set_lock_deadline(self, entity: _Entity, session: _Session, deadline: float) -> None:
         session.locked_until = deadline
-        heapq.heappush(
-            entity.lock_deadlines, (deadline, next(self._lock_ids), session.session_id)
-        )
+        heapq.heappush(entity.lock_deadlines, (deadline, next(self._lock_ids), session.session_id))
 
     def _expire_locks(self, entity: _Entity) -> None:
         now = trio.current_time()
@@ -491,7 +492,11 @@ class MemoryBroker:
         while heap and heap[0][0] <= now:
             deadline, _, key = heapq.heappop(heap)
             session = entity.sessions.get(key)
-            if session is not None and session.link is not None and session.locked_until == deadline:
+            if (
+                session is not None
+                and session.link is not None
+                and session.locked_until == deadline
+            ):
                 self._unlock(entity, session, lost=True)
 
     def _unlock(self, entity: _Entity, session: _Session, *, lost: bool) -> None:
@@ -597,8 +602,7 @@ class MemoryBroker:
         """
         if operation not in FAULT_OPERATIONS:
             raise ValueError(
-                f"operation must be one of {', '.join(sorted(FAULT_OPERATIONS))}; "
-                f"got {operation!r}"
+                f"operation must be one of {', '.join(sorted(FAULT_OPERATIONS))}; got {operation!r}"
             )
         if isinstance(error, type):
             error = error(f"injected failure of {operation}")
@@ -922,7 +926,6 @@ class MemorySessionLink:
 
 # The type checker confirms the reference backend matches the seam.
 if __debug__:  # pragma: no branch
-    from ._abc import Backend, SessionLink
 
     def _conforms(broker: MemoryBroker, link: MemorySessionLink) -> tuple[Backend, SessionLink]:
         return broker, link
