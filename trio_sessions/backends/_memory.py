@@ -34,6 +34,7 @@ import trio.lowlevel
 from .._errors import (
     EntityNotFoundError,
     MessageAlreadySettledError,
+    MessageLockLostError,
     MessageNotFoundError,
     OperationTimeoutError,
     SessionCannotBeLockedError,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
     from ._abc import Backend, SessionLink
 
-__all__ = ["MemoryBroker", "MemorySessionLink"]
+__all__ = ["MemoryBroker", "MemoryReceiver", "MemorySessionLink"]
 
 #: Dead-letter reasons Service Bus itself uses.
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
@@ -151,6 +152,9 @@ class _Entity:
     dead_letters: list[_Record] = attrs.field(factory=list)
     expired: list[_Record] = attrs.field(factory=list)
     completed: list[_Record] = attrs.field(factory=list)
+    # Entities without sessions lock each message: token -> (deadline, record, receiver).
+    message_locks: dict[str, tuple[float, _Record, MemoryReceiver]] = attrs.field(factory=dict)
+    message_lock_deadlines: list[tuple[float, str]] = attrs.field(factory=list)
 
     def notify(self) -> None:
         """Wake every waiting accept: a session may have become available."""
@@ -390,7 +394,8 @@ class MemoryBroker:
         if session.link is not None:
             session.wake_receiver()
         elif was_empty:
-            heapq.heappush(entity.ready, (seq, key))
+            if entity.requires_session:
+                heapq.heappush(entity.ready, (seq, key))
             entity.notify()
 
     # -- accepting sessions ------------------------------------------------------------------
@@ -452,6 +457,41 @@ class MemoryBroker:
                 wake_at = min(wake_at, target.lock_deadlines[0][0])
             with trio.move_on_at(wake_at):
                 await target.changed.wait()
+
+    def open_receiver(
+        self, entity: str, *, receive_mode: ReceiveMode = ReceiveMode.PEEK_LOCK
+    ) -> MemoryReceiver:
+        """A receiver for an entity without sessions; it locks each message on its own.
+
+        Raises:
+            EntityNotFoundError: no such entity.
+            ValueError: the entity requires sessions (use `accept_session`).
+        """
+        target = self._entity(entity)
+        if target.requires_session:
+            raise ValueError(
+                f"entity {target.path!r} requires sessions: accept a session to read it"
+            )
+        if not isinstance(receive_mode, ReceiveMode):
+            raise TypeError(f"receive_mode must be a ReceiveMode, not {receive_mode!r}")
+        return MemoryReceiver(self, target, receive_mode)
+
+    def _expire_message_locks(self, entity: _Entity) -> None:
+        now = trio.current_time()
+        heap = entity.message_lock_deadlines
+        while heap and heap[0][0] <= now:
+            deadline, token = heapq.heappop(heap)
+            held = entity.message_locks.get(token)
+            if held is not None and held[0] == deadline:
+                self._drop_message_lock(entity, token)
+
+    def _drop_message_lock(self, entity: _Entity, token: str) -> None:
+        """A message lock ended unsettled: the message is returned (delivery_count + 1)."""
+        _, record, _ = entity.message_locks.pop(token)
+        session = entity.sessions[""]
+        session.locked.pop(token, None)
+        self._return(entity, session, record)
+        entity.notify()
 
     def _pop_ready(self, entity: _Entity) -> _Session | None:
         now = trio.current_time()
@@ -537,6 +577,24 @@ class MemoryBroker:
             )
         elif not record.deferred:
             heapq.heappush(session.available, (record.sequence_number, record))
+
+    def _apply(
+        self, entity: _Entity, session: _Session, record: _Record, settlement: Settlement
+    ) -> None:
+        """What a settlement does to a locked message (its lock already taken off)."""
+        record.lock_token = None
+        if isinstance(settlement, Complete):
+            session.deferred.pop(record.sequence_number, None)
+            if self._record_completed:
+                entity.completed.append(record)
+        elif isinstance(settlement, Abandon):
+            self._return(entity, session, record)
+        elif isinstance(settlement, DeadLetter):
+            session.deferred.pop(record.sequence_number, None)
+            self._dead_letter(entity, record, settlement.reason, settlement.error_description)
+        else:
+            record.deferred = True
+            session.deferred[record.sequence_number] = record
 
     def _dead_letter(
         self, entity: _Entity, record: _Record, reason: str | None, description: str | None
@@ -640,6 +698,7 @@ class MemoryBroker:
     def _settle_pending(self, entity: _Entity) -> None:
         """Bring lazily kept state up to date: expired locks and expired messages."""
         self._expire_locks(entity)
+        self._expire_message_locks(entity)
         now = trio.current_time()
         for session in list(entity.sessions.values()):
             if session.available and session.available[0][1].expires_at <= now:
@@ -817,21 +876,7 @@ class MemorySessionLink:
                 f"message {message.message_id!r} (sequence number {message.sequence_number}) "
                 "was settled already"
             )
-        record.lock_token = None
-        if isinstance(settlement, Complete):
-            session.deferred.pop(record.sequence_number, None)
-            if self._broker._record_completed:
-                self._entity.completed.append(record)
-        elif isinstance(settlement, Abandon):
-            self._broker._return(self._entity, session, record)
-        elif isinstance(settlement, DeadLetter):
-            session.deferred.pop(record.sequence_number, None)
-            self._broker._dead_letter(
-                self._entity, record, settlement.reason, settlement.error_description
-            )
-        else:
-            record.deferred = True
-            session.deferred[record.sequence_number] = record
+        self._broker._apply(self._entity, session, record, settlement)
 
     async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         await trio.lowlevel.checkpoint()
@@ -921,6 +966,142 @@ class MemorySessionLink:
         session = self._session
         if not self._lost and session.link is self:
             self._broker._unlock(self._entity, session, lost=False)
+        await trio.lowlevel.checkpoint()
+
+
+class MemoryReceiver:
+    """A receiver of an entity without sessions: each message is locked on its own.
+
+    Made by `MemoryBroker.open_receiver`. A message lock lasts the entity's
+    ``lock_duration`` from receipt or the last `renew_message_lock`; settling after it
+    expired raises `MessageLockLostError` and the message is delivered again.
+    """
+
+    def __init__(self, broker: MemoryBroker, entity: _Entity, receive_mode: ReceiveMode) -> None:
+        self._broker = broker
+        self._entity = entity
+        self._receive_mode = receive_mode
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<MemoryReceiver {self._entity.path}>"
+
+    def _queue(self) -> _Session:
+        sessions = self._entity.sessions
+        if "" not in sessions:
+            sessions[""] = _Session("")
+        return sessions[""]
+
+    async def receive(
+        self, max_count: int = 1, *, max_wait_time: float | None = None
+    ) -> list[ReceivedMessage]:
+        """Wait up to ``max_wait_time`` seconds (forever if None) for messages; return up to
+        ``max_count`` of them, oldest first, or an empty list if none came."""
+        if max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        await trio.lowlevel.checkpoint()
+        broker = self._broker
+        entity = self._entity
+        deadline = math.inf if max_wait_time is None else trio.current_time() + max_wait_time
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("this receiver was closed")
+            broker._inject("receive")
+            broker._expire_message_locks(entity)
+            queue = self._queue()
+            now = trio.current_time()
+            out: list[ReceivedMessage] = []
+            while len(out) < max_count:
+                broker._purge_expired(entity, queue, now)
+                if not queue.available:
+                    break
+                _, record = heapq.heappop(queue.available)
+                if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:
+                    out.append(broker._received(record, None))
+                    continue
+                token = record.lock_token = broker._new_token()
+                lock_deadline = now + entity.lock_duration
+                queue.locked[token] = record
+                entity.message_locks[token] = (lock_deadline, record, self)
+                heapq.heappush(entity.message_lock_deadlines, (lock_deadline, token))
+                out.append(broker._received(record, lock_deadline))
+            if out or now >= deadline:
+                broker._maybe_drop(entity, queue)
+                return out
+            wake_at = deadline
+            if entity.message_lock_deadlines:
+                wake_at = min(wake_at, entity.message_lock_deadlines[0][0])
+            with trio.move_on_at(wake_at):
+                await entity.changed.wait()
+
+    def _held(self, message: ReceivedMessage, operation: str) -> _Record:
+        if self._closed:
+            raise trio.ClosedResourceError("this receiver was closed")
+        if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:
+            raise MessageAlreadySettledError(
+                "messages received in RECEIVE_AND_DELETE mode are settled on receipt"
+            )
+        self._broker._inject(operation)
+        self._broker._expire_message_locks(self._entity)
+        held = self._entity.message_locks.get(message.lock_token or "")
+        if held is None or held[2] is not self:
+            raise MessageLockLostError(
+                f"the lock of message {message.message_id!r} expired, or it was settled already"
+            )
+        return held[1]
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Complete, abandon, dead-letter or defer a received message."""
+        await trio.lowlevel.checkpoint()
+        operation = {Complete: "complete", Abandon: "abandon", DeadLetter: "dead_letter"}.get(
+            type(settlement), "defer"
+        )
+        record = self._held(settlement.message, operation)
+        token = settlement.message.lock_token or ""
+        del self._entity.message_locks[token]
+        queue = self._queue()
+        queue.locked.pop(token, None)
+        self._broker._apply(self._entity, queue, record, settlement)
+        self._broker._maybe_drop(self._entity, queue)
+
+    async def renew_message_lock(self, message: ReceivedMessage) -> float:
+        """Renew one message's lock; return its new Trio-clock deadline."""
+        await trio.lowlevel.checkpoint()
+        record = self._held(message, "renew_lock")
+        token = message.lock_token or ""
+        deadline = trio.current_time() + self._entity.lock_duration
+        self._entity.message_locks[token] = (deadline, record, self)
+        heapq.heappush(self._entity.message_lock_deadlines, (deadline, token))
+        return deadline
+
+    async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
+        """Receive deferred messages by sequence number (`MessageNotFoundError` if unknown)."""
+        await trio.lowlevel.checkpoint()
+        queue = self._queue()
+        records = []
+        for seq in sequence_numbers:
+            record = queue.deferred.get(seq)
+            if record is None or record.lock_token is not None:
+                raise MessageNotFoundError(f"no deferred message with sequence number {seq}")
+            records.append(record)
+        now = trio.current_time()
+        out = []
+        for record in records:
+            token = record.lock_token = self._broker._new_token()
+            deadline = now + self._entity.lock_duration
+            queue.locked[token] = record
+            self._entity.message_locks[token] = (deadline, record, self)
+            heapq.heappush(self._entity.message_lock_deadlines, (deadline, token))
+            out.append(self._broker._received(record, deadline))
+        return out
+
+    async def aclose(self) -> None:
+        """Close the receiver: messages it still holds are returned (delivery_count + 1)."""
+        if not self._closed:
+            self._closed = True
+            held = [t for t, (_, _, owner) in self._entity.message_locks.items() if owner is self]
+            for token in held:
+                self._broker._drop_message_lock(self._entity, token)
         await trio.lowlevel.checkpoint()
 
 
