@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import attrs
 import trio
 
 from ._context import SessionContext
@@ -84,31 +85,19 @@ class _Request:
         self.done.set()
 
 
+@attrs.frozen(kw_only=True)
 class ActorHooks:
     """What an actor needs from its manager (internal): callbacks, counters, reporting."""
 
-    def __init__(
-        self,
-        *,
-        options: SessionManagerOptions,
-        receive_mode: ReceiveMode,
-        entity_path: str,
-        counters: Counters,
-        report: Reporter,
-        process_message: MessageHandler | None = None,
-        process_session: SessionHandler | None = None,
-        session_initializing: SessionHandler | None = None,
-        session_closing: SessionHandler | None = None,
-    ) -> None:
-        self.options = options
-        self.receive_mode = receive_mode
-        self.entity_path = entity_path
-        self.counters = counters
-        self.report = report
-        self.process_message = process_message
-        self.process_session = process_session
-        self.session_initializing = session_initializing
-        self.session_closing = session_closing
+    options: SessionManagerOptions
+    receive_mode: ReceiveMode
+    entity_path: str
+    counters: Counters
+    report: Reporter
+    process_message: MessageHandler | None = None
+    process_session: SessionHandler | None = None
+    session_initializing: SessionHandler | None = None
+    session_closing: SessionHandler | None = None
 
 
 class SessionActor:
