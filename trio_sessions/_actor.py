@@ -386,7 +386,9 @@ class SessionActor:
                 self._requests_tx.close()
         finally:
             self._requests_tx.close()
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as close_scope:
+            with trio.CancelScope(
+                deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
+            ) as close_scope:
                 try:
                     await self._link.aclose()
                 except Exception as exc:

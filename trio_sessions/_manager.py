@@ -438,7 +438,7 @@ class SessionManager:
                 return await link.get_state()
             return await link.set_state(state)
         finally:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
                 await link.aclose()
 
     async def _close(self) -> None:
@@ -495,5 +495,7 @@ async def open_session_manager(
     finally:
         # Stop, then wait for a running subscribe* to drain: it needs at most the grace
         # plus closing time, so the wait is bounded even when we are being cancelled.
-        with trio.move_on_after(options.shutdown_timeout + 2 * CLOSE_TIMEOUT, shield=True):
+        with trio.CancelScope(
+            deadline=trio.current_time() + options.shutdown_timeout + 2 * CLOSE_TIMEOUT, shield=True
+        ):
             await manager._close()
