@@ -132,6 +132,7 @@ class SessionActor:
         self._busy = 0
         self._wake_pump = trio.Event()
         self._lock_lost: SessionLockLostError | None = None
+        self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
         link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
 
