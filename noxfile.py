@@ -84,7 +84,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, tests, benchmarks and this file."""
-    session.install(".[tests,cli]", "mypy", "nox")
+    session.install(".[tests,cli,emulator]", "mypy", "nox")
     # The targets are pyproject's [tool.mypy] files, less those with no code yet: mypy
     # refuses a directory without Python files (benchmarks/, until the first benchmark).
     targets = session.posargs or _existing(*PYPROJECT["tool"]["mypy"]["files"])
@@ -99,9 +99,9 @@ def tests(session: nox.Session, deps: str) -> None:
     pins = _lowest_pins()
     if deps == "lowest":
         # One resolve, so pip rejects lower bounds that contradict each other.
-        session.install(f"{pkg}[tests]", *pins)
+        session.install(f"{pkg}[tests,emulator]", *pins)
     else:
-        session.install("--upgrade", "--upgrade-strategy=eager", f"{pkg}[tests]")
+        session.install("--upgrade", "--upgrade-strategy=eager", f"{pkg}[tests,emulator]")
     session.run(
         "python",
         "-c",

@@ -342,26 +342,30 @@ class MemoryBroker:
         """
         await trio.lowlevel.checkpoint()
         batch = [messages] if isinstance(messages, Message) else list(messages)
+        self._send_now(entity, batch)
+
+    def _send_targets(self, entity: str) -> list[_Entity]:
+        """The entities a message sent to ``entity`` (a queue or topic) is stored in."""
+        if entity in self._queues:
+            return [self._queues[entity]]
+        if entity in self._topics:
+            return list(self._topics[entity].subscriptions.values())
+        if "/subscriptions/" in entity:
+            raise EntityNotFoundError(f"cannot send to subscription {entity!r}: send to its topic")
+        raise EntityNotFoundError(f"no queue or topic named {entity!r}")
+
+    def _send_now(self, entity: str, batch: list[Message]) -> None:
+        """Check a whole batch, then store it (the synchronous part of `send`)."""
         for item in batch:
             if not isinstance(item, Message):
                 raise TypeError(f"send takes Message objects, not {type(item).__name__}")
-        if entity in self._queues:
-            targets = [self._queues[entity]]
-            queue = targets[0]
-            if queue.requires_session:
-                for item in batch:
-                    if item.session_id is None:
-                        raise ValueError(
-                            f"queue {entity!r} requires sessions: every Message needs a session_id"
-                        )
-        elif entity in self._topics:
-            targets = list(self._topics[entity].subscriptions.values())
-        else:
-            if "/subscriptions/" in entity:
-                raise EntityNotFoundError(
-                    f"cannot send to subscription {entity!r}: send to its topic"
-                )
-            raise EntityNotFoundError(f"no queue or topic named {entity!r}")
+        targets = self._send_targets(entity)
+        if entity in self._queues and targets[0].requires_session:
+            for item in batch:
+                if item.session_id is None:
+                    raise ValueError(
+                        f"queue {entity!r} requires sessions: every Message needs a session_id"
+                    )
         self._inject("send")
         now = trio.current_time()
         for target in targets:

@@ -1,0 +1,399 @@
+"""The emulator's server: python-qpid-proton's AMQP 1.0 engine, driven sans-IO on Trio sockets.
+
+One task per TCP connection reads bytes into a proton ``Transport``, handles the events the
+``Collector`` reports, and writes what the transport produces. Proton does the framing,
+SASL and AMQP state machines; this module decides what each frame means for the
+`MemoryBroker` (it translates, it does not re-implement broker semantics).
+
+Status (first step of the emulator issue): SASL ANONYMOUS, CBS put-token with SAS
+validation, and sender links that enqueue single messages. Batches, receivers,
+settlement and ``$management`` come next.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import urllib.parse
+import uuid
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from .._errors import EntityNotFoundError
+from .._messages import Message
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from ..backends._memory import MemoryBroker
+
+__all__ = ["Emulator", "serve_emulator"]
+
+logger = logging.getLogger("trio_sessions.emulator")
+
+#: Largest frame we accept and announce (Service Bus Standard uses 256 KiB).
+MAX_FRAME_SIZE = 262144
+#: Largest message we accept on a sender link (Service Bus Standard: 256 KiB).
+MAX_MESSAGE_SIZE = 262144
+#: Link credit granted to clients' senders, refilled below half.
+CREDIT = 1000
+#: First-section descriptor codes of an encoded AMQP message (header .. footer).
+_SECTION_CODES = frozenset(bytes([code]) for code in range(0x70, 0x79))
+
+
+def _proton() -> Any:
+    try:
+        import proton
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise RuntimeError(
+            'the emulator needs python-qpid-proton: pip install "trio-sessions[emulator]"'
+        ) from exc
+    return proton
+
+
+def sas_token_valid(token: str, *, audience: str, keys: dict[str, str], now: float) -> str | None:
+    """Check a ``SharedAccessSignature`` token; return None if valid, else why not."""
+    prefix = "SharedAccessSignature "
+    if not token.startswith(prefix):
+        return "not a SharedAccessSignature token"
+    parts = dict(part.split("=", 1) for part in token[len(prefix) :].split("&") if "=" in part)
+    try:
+        resource, signature, expiry, key_name = (parts[k] for k in ("sr", "sig", "se", "skn"))
+    except KeyError as missing:
+        return f"the token has no {missing.args[0]} field"
+    key = keys.get(urllib.parse.unquote_plus(key_name))
+    if key is None:
+        return "unknown key name"
+    expected = base64.b64encode(
+        hmac.new(key.encode(), f"{resource}\n{expiry}".encode(), hashlib.sha256).digest()
+    ).decode()
+    if not hmac.compare_digest(expected, urllib.parse.unquote_plus(signature)):
+        return "invalid signature"
+    if not expiry.isdigit() or int(expiry) <= now:
+        return "the token expired"
+    if not audience.startswith(urllib.parse.unquote_plus(resource).rstrip("/")):
+        return "the token is for another resource"
+    return None
+
+
+def entity_from_address(address: str | None) -> str:
+    """``amqps://host:port/<entity>`` or ``<entity>`` → the broker's entity path."""
+    path = address or ""
+    if "://" in path:
+        path = path.split("://", 1)[1].split("/", 1)[1] if "/" in path.split("://", 1)[1] else ""
+    parts = path.split("/")
+    if len(parts) == 3 and parts[1].lower() == "subscriptions":
+        return f"{parts[0]}/subscriptions/{parts[2]}"
+    return path
+
+
+@attrs.define(eq=False)
+class Emulator:
+    """A running emulator: where it listens and how to connect."""
+
+    broker: MemoryBroker
+    host: str
+    port: int
+    key_name: str
+    key: str = attrs.field(repr=False)
+
+    @property
+    def connection_string(self) -> str:
+        """A connection string the Service Bus SDKs accept (``UseDevelopmentEmulator=true``)."""
+        return (
+            f"Endpoint=sb://{self.host}:{self.port};SharedAccessKeyName={self.key_name};"
+            f"SharedAccessKey={self.key};UseDevelopmentEmulator=true"
+        )
+
+
+class _Connection:
+    """One client connection: a proton transport between a Trio stream and the broker."""
+
+    def __init__(self, emulator: Emulator, stream: trio.SocketStream) -> None:
+        proton = _proton()
+        self._p = proton
+        self._emulator = emulator
+        self._stream = stream
+        self._connection = proton.Connection()
+        self._transport = proton.Transport(proton.Transport.SERVER)
+        self._transport.max_frame_size = MAX_FRAME_SIZE
+        sasl = self._transport.sasl()
+        sasl.allowed_mechs("ANONYMOUS")
+        self._transport.bind(self._connection)
+        self._collector = proton.Collector()
+        self._connection.collect(self._collector)
+        self._tags = 0
+        self._work = trio.Event()
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read)
+            try:
+                await self._write_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _read(self) -> None:
+        transport = self._transport
+        while True:
+            try:
+                data = await self._stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                transport.close_tail()
+                self._work.set()
+                return
+            while data:
+                capacity = transport.capacity()
+                if capacity < 0:  # the transport is closed for input
+                    self._work.set()
+                    return
+                transport.push(data[:capacity])
+                data = data[capacity:]
+                self._handle_events()
+            self._work.set()
+
+    async def _write_loop(self) -> None:
+        transport = self._transport
+        while True:
+            self._handle_events()
+            pending = transport.pending()
+            if pending < 0:  # the transport is done for output
+                return
+            if pending:
+                chunk = transport.peek(pending)
+                transport.pop(pending)
+                try:
+                    await self._stream.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                continue
+            deadline = transport.tick(time.monotonic())
+            self._work = trio.Event()
+            with trio.move_on_at(
+                trio.current_time() + (deadline - time.monotonic() if deadline else 30)
+            ):
+                await self._work.wait()
+
+    # -- events --------------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        event_type = self._p.Event
+        while (event := self._collector.peek()) is not None:
+            kind = event.type
+            if kind == event_type.CONNECTION_REMOTE_OPEN:
+                self._connection.container = "trio-sessions-emulator"
+                self._connection.open()
+            elif kind == event_type.SESSION_REMOTE_OPEN:
+                event.session.incoming_capacity = 2**30
+                event.session.open()
+            elif kind == event_type.LINK_REMOTE_OPEN:
+                self._on_attach(event.link)
+            elif kind == event_type.DELIVERY:
+                self._on_delivery(event.delivery)
+            elif kind in (event_type.LINK_REMOTE_CLOSE, event_type.LINK_REMOTE_DETACH):
+                event.link.close()
+            elif kind == event_type.SESSION_REMOTE_CLOSE:
+                event.session.close()
+            elif kind == event_type.CONNECTION_REMOTE_CLOSE:
+                self._connection.close()
+            self._collector.pop()
+
+    def _on_attach(self, link: Any) -> None:
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        if link.is_receiver:  # the client sends on it
+            address = link.remote_target.address
+            if address != "$cbs":
+                link.max_message_size = MAX_MESSAGE_SIZE
+                try:
+                    self._emulator.broker._send_targets(entity_from_address(address))
+                except EntityNotFoundError as exc:
+                    self._refuse(link, "amqp:not-found", str(exc))
+                    return
+            link.open()
+            link.flow(CREDIT)
+        else:
+            link.open()
+
+    def _refuse(self, link: Any, condition: str, description: str) -> None:
+        p = self._p
+        link.source.type = p.Terminus.UNSPECIFIED
+        link.open()
+        link.condition = self._condition(condition, description)
+        link.close()
+
+    def _on_delivery(self, delivery: Any) -> None:
+        link = delivery.link
+        if not link.is_receiver or not delivery.readable or delivery.partial:
+            return
+        data = link.recv(delivery.pending)
+        link.advance()
+        if link.target.address == "$cbs":
+            message = self._p.Message()
+            message.decode(data)
+            self._on_put_token(link, message)
+            delivery.update(self._p.Delivery.ACCEPTED)
+        else:
+            entity = entity_from_address(link.target.address)
+            messages = self._decode_batch(data)
+            if messages is None:
+                message = self._p.Message()
+                message.decode(data)
+                messages = [message]
+            try:
+                self._emulator.broker._send_now(entity, [self._to_message(m) for m in messages])
+            except (ValueError, TypeError, EntityNotFoundError) as exc:
+                delivery.local.condition = self._condition(
+                    "amqp:not-found"
+                    if isinstance(exc, EntityNotFoundError)
+                    else "amqp:not-allowed",
+                    str(exc),
+                )
+                delivery.update(self._p.Delivery.REJECTED)
+            else:
+                delivery.update(self._p.Delivery.ACCEPTED)
+        delivery.settle()
+        if link.credit < CREDIT // 2:
+            link.flow(CREDIT - link.credit)
+
+    def _decode_batch(self, data: bytes) -> list[Any] | None:
+        """The messages of a batch, or None if ``data`` is one plain message.
+
+        A batch (message-format 0x80013700) carries one data section per message, each a
+        whole encoded AMQP message. proton's Python binding does not expose a transfer's
+        message-format, so a batch is recognised by that shape: an envelope without
+        application properties whose data sections all decode as AMQP messages.
+        """
+        p = self._p
+        sections = p.Data()
+        while data:
+            data = data[sections.decode(data) :]
+        sections.rewind()
+        messages = []
+        while sections.next():
+            sections.enter()
+            sections.next()
+            descriptor = sections.get_ulong()
+            sections.next()
+            if descriptor == 0x74:  # application-properties: a plain message
+                return None
+            if descriptor == 0x75:
+                payload = bytes(sections.get_binary())
+                if payload[:2] != b"\x00\x53" or payload[2:3] not in _SECTION_CODES:
+                    return None
+                message = p.Message()
+                try:
+                    message.decode(payload)
+                except p.MessageException:
+                    return None
+                messages.append(message)
+            sections.exit()
+        return messages or None
+
+    def _condition(self, condition: str, description: str) -> Any:
+        """An AMQP error with all three fields: pyamqp indexes them blindly (spec §12.1)."""
+        p = self._p
+        return p.Condition(
+            condition, description, {p.symbol("com.microsoft:tracking-id"): str(uuid.uuid4())}
+        )
+
+    def _to_message(self, message: Any) -> Message:
+        body = message.body
+        if isinstance(body, memoryview):
+            body = bytes(body)
+        if body is None:
+            body = b""
+        properties = {str(k): v for k, v in (message.properties or {}).items()}
+        # proton reads an absent content type as symbol("None")
+        content_type = message.content_type
+        content_type = None if content_type in (None, "", "None") else str(content_type)
+        return Message(
+            body if isinstance(body, bytes) else str(body),
+            session_id=message.group_id or None,
+            message_id=None if message.id is None else str(message.id),
+            application_properties=properties or None,
+            content_type=content_type,
+            correlation_id=None if message.correlation_id is None else str(message.correlation_id),
+            subject=message.subject or None,
+        )
+
+    def _on_put_token(self, request_link: Any, request: Any) -> None:
+        p = self._p
+        props = request.properties or {}
+        audience = str(props.get("name", ""))
+        problem = sas_token_valid(
+            str(request.body),
+            audience=audience,
+            keys={self._emulator.key_name: self._emulator.key},
+            now=time.time(),
+        )
+        status, description = (202, "Accepted") if problem is None else (401, problem)
+        response = p.Message(
+            correlation_id=request.id,
+            properties={"status-code": p.int32(status), "status-description": description},
+        )
+        reply = next(
+            (
+                link
+                for link in _links(request_link.session)
+                if link.is_sender and link.source.address == "$cbs"
+            ),
+            None,
+        )
+        if reply is None:
+            logger.warning("put-token without a $cbs response link")
+            return
+        self._tags += 1
+        out = reply.delivery(str(self._tags).encode())
+        reply.send(response.encode())
+        reply.advance()
+        out.settle()
+
+
+def _links(session: Any) -> list[Any]:
+    links = []
+    link = session.connection.link_head(0)
+    while link is not None:
+        if link.session == session:  # proton makes a new wrapper per access
+            links.append(link)
+        link = link.next(0)
+    return links
+
+
+@asynccontextmanager
+async def serve_emulator(
+    broker: MemoryBroker,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    key_name: str = "RootManageSharedAccessKey",
+    key: str | None = None,
+) -> AsyncIterator[Emulator]:
+    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs."""
+    _proton()
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = listeners[0].socket.getsockname()[1]
+    emulator = Emulator(broker, host, bound_port, key_name, key or secrets.token_urlsafe(32))
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await _Connection(emulator, stream).serve()
+            except Exception:
+                logger.exception("emulator connection failed")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        try:
+            yield emulator
+        finally:
+            nursery.cancel_scope.cancel()
