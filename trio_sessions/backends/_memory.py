@@ -882,6 +882,18 @@ class MemorySessionLink:
             )
         self._broker._apply(self._entity, session, record, settlement)
 
+    def _release(self, message: ReceivedMessage) -> None:
+        """Unlock a message the client never handed to user code: no delivery is counted
+        (an AMQP ``released`` outcome; the emulator uses it)."""
+        self._check()
+        record = self._session.locked.pop(message.lock_token or "", None)
+        if record is None:
+            raise MessageAlreadySettledError(f"message {message.message_id!r} was settled already")
+        record.lock_token = None
+        if not record.deferred:
+            heapq.heappush(self._session.available, (record.sequence_number, record))
+            self._session.wake_receiver()
+
     async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         await trio.lowlevel.checkpoint()
         results: list[BaseException | None] = []

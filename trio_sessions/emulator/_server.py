@@ -26,10 +26,19 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from .._errors import EntityNotFoundError
-from .._messages import Message
+from .._errors import (
+    EntityNotFoundError,
+    MessageAlreadySettledError,
+    OperationTimeoutError,
+    SessionCannotBeLockedError,
+    SessionLockLostError,
+    SessionsNotEnabledError,
+)
+from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Message, Settlement
+from .._options import ReceiveMode
 
 if TYPE_CHECKING:
+    import datetime as dt
     from collections.abc import AsyncIterator
 
     from ..backends._memory import MemoryBroker
@@ -42,6 +51,13 @@ logger = logging.getLogger("trio_sessions.emulator")
 MAX_FRAME_SIZE = 262144
 #: Largest message we accept on a sender link (Service Bus Standard: 256 KiB).
 MAX_MESSAGE_SIZE = 262144
+#: .NET ticks (100 ns since 0001-01-01) at the Unix epoch: locked-until-utc is in ticks.
+TICKS_AT_EPOCH = 621355968000000000
+#: Server-side wait for a next-available session when the client names none (ms).
+DEFAULT_ACCEPT_WAIT_MS = 60000
+SESSION_FILTER = "com.microsoft:session-filter"
+#: How long closing a broker link may take when a client goes away (it is shielded).
+CLOSE_TIMEOUT = 5.0
 #: Link credit granted to clients' senders, refilled below half.
 CREDIT = 1000
 #: First-section descriptor codes of an encoded AMQP message (header .. footer).
@@ -113,6 +129,54 @@ class Emulator:
         )
 
 
+@attrs.define(eq=False)
+class _Receiving:
+    """A client's session receiver link, served by its own task."""
+
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    flow: trio.Event = attrs.field(factory=trio.Event)
+    link: Any = None  # the MemorySessionLink, once accepted
+
+
+def _header(delivery_count: int) -> bytes:
+    """A message header with every field written out.
+
+    proton elides trailing default fields, and pyamqp does not pad message sections, so
+    a ``delivery-count`` of 0 left to proton reaches the SDK as None (spec §5.4).
+    """
+    first_acquirer = 0x41 if delivery_count == 0 else 0x42
+    return (
+        bytes([0x00, 0x53, 0x70, 0xC0, 0x0B, 0x05])  # header: list8, 11 bytes, 5 fields
+        + bytes([0x42, 0x50, 0x04, 0x40, first_acquirer, 0x70])  # durable, priority, ttl, ...
+        + delivery_count.to_bytes(4, "big")  # delivery-count (uint)
+    )
+
+
+def _without_header(encoded: bytes | bytearray) -> bytes:
+    """An encoded message minus the header section proton always writes first."""
+    data = bytes(encoded)
+    if data[:3] != b"\x00\x53\x70":
+        return data
+    constructor = data[3]
+    if constructor == 0x45:  # list0
+        return data[4:]
+    if constructor == 0xC0:  # list8: size byte
+        return data[5 + data[4] :]
+    if constructor == 0xD0:  # list32: size word
+        return data[8 + int.from_bytes(data[4:8], "big") :]
+    raise ValueError(f"unexpected header encoding 0x{constructor:02x}")
+
+
+def _ticks(moment: dt.datetime) -> int:
+    return TICKS_AT_EPOCH + round(moment.timestamp() * 10_000_000)
+
+
+def _data_object(data: Any) -> Any:
+    """The first value held by a proton ``Data`` (a terminus filter), or None."""
+    data.rewind()
+    return data.get_object() if data.next() else None
+
+
 class _Connection:
     """One client connection: a proton transport between a Trio stream and the broker."""
 
@@ -131,9 +195,12 @@ class _Connection:
         self._connection.collect(self._collector)
         self._tags = 0
         self._work = trio.Event()
+        self._receivers: dict[str, _Receiving] = {}
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._read)
             try:
                 await self._write_loop()
@@ -199,7 +266,14 @@ class _Connection:
                 self._on_attach(event.link)
             elif kind == event_type.DELIVERY:
                 self._on_delivery(event.delivery)
+            elif kind == event_type.LINK_FLOW:
+                receiving = self._receivers.get(event.link.name)
+                if receiving is not None:
+                    receiving.flow.set()
             elif kind in (event_type.LINK_REMOTE_CLOSE, event_type.LINK_REMOTE_DETACH):
+                receiving = self._receivers.get(event.link.name)
+                if receiving is not None:
+                    receiving.scope.cancel()  # its task closes the broker link
                 event.link.close()
             elif kind == event_type.SESSION_REMOTE_CLOSE:
                 event.session.close()
@@ -221,8 +295,192 @@ class _Connection:
                     return
             link.open()
             link.flow(CREDIT)
-        else:
+        elif link.remote_source.address in ("$cbs", "$management"):
             link.open()
+        else:
+            self._attach_receiver(link)
+
+    def _attach_receiver(self, link: Any) -> None:
+        """A client's receiver: find the entity, then accept its session in a task."""
+        p = self._p
+        entity = entity_from_address(link.remote_source.address)
+        try:
+            target = self._emulator.broker._entity(entity)
+        except EntityNotFoundError:
+            self._refuse(
+                link,
+                "amqp:not-found",
+                f"The messaging entity 'sb://{self._emulator.host}/{entity}' could not be found.",
+            )
+            return
+        filters = _data_object(link.remote_source.filter) or {}
+        if not target.requires_session or SESSION_FILTER not in filters:
+            self._refuse(
+                link,
+                "amqp:not-allowed",
+                f"entity {entity!r} "
+                + (
+                    "does not require sessions"
+                    if not target.requires_session
+                    else "requires a session receiver"
+                ),
+            )
+            return
+        session_id = filters[SESSION_FILTER]
+        properties = link.remote_properties or {}
+        wait_ms = properties.get(p.symbol("com.microsoft:timeout"), DEFAULT_ACCEPT_WAIT_MS)
+        mode = (
+            ReceiveMode.RECEIVE_AND_DELETE
+            if link.remote_snd_settle_mode == p.Link.SND_SETTLED
+            else ReceiveMode.PEEK_LOCK
+        )
+        receiving = _Receiving()
+        self._receivers[link.name] = receiving
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self._serve_receiver,
+            link,
+            receiving,
+            entity,
+            None if session_id is None else str(session_id),
+            int(wait_ms) / 1000,
+            mode,
+        )
+
+    async def _serve_receiver(
+        self,
+        link: Any,
+        receiving: _Receiving,
+        entity: str,
+        session_id: str | None,
+        wait: float,
+        mode: ReceiveMode,
+    ) -> None:
+        p = self._p
+        broker = self._emulator.broker
+        try:
+            with receiving.scope:
+                try:
+                    memlink = await broker.accept_session(
+                        EntityPath(queue_name=entity),
+                        session_id,
+                        receive_mode=mode,
+                        max_wait_time=wait,
+                    )
+                except OperationTimeoutError as exc:
+                    self._refuse(link, "com.microsoft:timeout", str(exc))
+                    return
+                except SessionCannotBeLockedError as exc:
+                    self._refuse(link, "com.microsoft:session-cannot-be-locked", str(exc))
+                    return
+                except SessionsNotEnabledError as exc:
+                    self._refuse(link, "amqp:not-allowed", str(exc))
+                    return
+                receiving.link = memlink
+                link.source.filter.clear()
+                link.source.filter.put_dict({p.symbol(SESSION_FILTER): memlink.session_id})
+                link.properties = {
+                    p.symbol("com.microsoft:locked-until-utc"): _ticks(memlink.locked_until_utc)
+                }
+                link.open()
+                self._work.set()
+                while True:
+                    while link.credit <= 0:
+                        receiving.flow = trio.Event()
+                        await receiving.flow.wait()
+                    for message in await memlink.receive(link.credit):
+                        self._deliver(link, receiving, message, mode)
+                    self._work.set()
+        except SessionLockLostError as exc:
+            link.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
+            link.close()
+        finally:
+            self._receivers.pop(link.name, None)
+            if receiving.link is not None:
+                with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
+                    await receiving.link.aclose()
+            self._work.set()
+
+    def _deliver(self, link: Any, receiving: _Receiving, message: Any, mode: ReceiveMode) -> None:
+        """Send one broker message on a receiver link, tagged with its lock token (spec §6)."""
+        p = self._p
+        out = p.Message(
+            id=message.message_id,
+            group_id=message.session_id,
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            subject=message.subject,
+            properties=message.application_properties or None,
+            body=message.body,
+        )
+        out.inferred = True  # a bytes body travels as a data section, as the SDK sent it
+        annotations = {
+            p.symbol("x-opt-sequence-number"): message.sequence_number,  # int encodes as long
+            p.symbol("x-opt-enqueued-time"): p.timestamp(message.enqueued_time.timestamp() * 1000),
+        }
+        if message.locked_until is not None:
+            annotations[p.symbol("x-opt-locked-until")] = p.timestamp(
+                message.locked_until.timestamp() * 1000
+            )
+        out.annotations = annotations
+        if message.lock_token is not None:
+            tag = uuid.UUID(message.lock_token).bytes_le
+        else:
+            self._tags += 1
+            tag = self._tags.to_bytes(16, "big")
+        delivery = link.delivery(tag)
+        link.send(_header(message.delivery_count) + _without_header(out.encode()))
+        link.advance()
+        if mode is ReceiveMode.RECEIVE_AND_DELETE:
+            delivery.settle()
+        else:
+            # proton decodes delivery.tag as text, which a binary lock token is not; its
+            # wrappers keep attributes on the native object, so the message rides along.
+            delivery.received_message = message
+
+    def _on_settlement(self, delivery: Any) -> None:
+        """A client settled a message it received: apply it, then echo the outcome (spec §8)."""
+        p = self._p
+        receiving = self._receivers.get(delivery.link.name)
+        message = getattr(delivery, "received_message", None)
+        if receiving is None or message is None or receiving.link is None:
+            delivery.settle()
+            return
+        state = delivery.remote_state
+        remote = delivery.remote
+        settlement: Settlement | None
+        if state == p.Delivery.ACCEPTED:
+            settlement = Complete(message)
+        elif state == p.Delivery.REJECTED:
+            info = (remote.condition.info if remote.condition else None) or {}
+            reason = info.get(p.symbol("DeadLetterReason"), info.get("DeadLetterReason"))
+            description = info.get(
+                p.symbol("DeadLetterErrorDescription"), info.get("DeadLetterErrorDescription")
+            )
+            settlement = DeadLetter(
+                message,
+                None if reason is None else str(reason),
+                None if description is None else str(description),
+            )
+        elif state == p.Delivery.MODIFIED:
+            settlement = Defer(message) if remote.undeliverable else Abandon(message)
+        else:  # released: the client never handed it to user code; no delivery counted
+            settlement = None
+        try:
+            if settlement is None:
+                receiving.link._release(message)
+            else:
+                receiving.link._settle_one(settlement)
+        except SessionLockLostError as exc:
+            delivery.local.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
+            state = p.Delivery.REJECTED
+        except MessageAlreadySettledError as exc:
+            delivery.local.condition = self._condition("com.microsoft:message-lock-lost", str(exc))
+            state = p.Delivery.REJECTED
+        if not delivery.settled:  # settled by the client (released): no echo wanted
+            delivery.update(state)
+        delivery.settle()
+        self._work.set()
 
     def _refuse(self, link: Any, condition: str, description: str) -> None:
         p = self._p
@@ -233,7 +491,11 @@ class _Connection:
 
     def _on_delivery(self, delivery: Any) -> None:
         link = delivery.link
-        if not link.is_receiver or not delivery.readable or delivery.partial:
+        if link.is_sender:
+            if delivery.updated and delivery.remote_state:
+                self._on_settlement(delivery)
+            return
+        if not delivery.readable or delivery.partial:
             return
         data = link.recv(delivery.pending)
         link.advance()
