@@ -145,3 +145,41 @@ async def test_session_receiver_on_a_plain_queue(emulator: Emulator) -> None:
 
     with pytest.raises(sb_errors.ServiceBusError, match="does not require sessions"):
         await in_thread(open_plain)
+
+
+async def test_session_state_and_lock_renewal(emulator: Emulator) -> None:
+    """get_state, set_state and renew_lock go through $management to the broker."""
+
+    def use_session() -> list[Any]:
+        conn_str = emulator.connection_string
+        with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+            with client.get_queue_receiver("q", session_id="s", max_wait_time=1) as receiver:
+                session = receiver.session
+                before = session.locked_until_utc
+                assert before is not None
+                seen: list[Any] = [session.get_state()]
+                session.set_state("hello")
+                seen.append(session.get_state())
+                renewed = session.renew_lock()
+                seen.append(renewed >= before and renewed == session.locked_until_utc)
+                return seen
+
+    assert await in_thread(use_session) == [None, b"hello", True]
+    assert emulator.broker.session_state("q", "s") == b"hello"
+
+
+async def test_management_after_lock_loss(emulator: Emulator) -> None:
+    """A lock the broker took away makes renew_lock raise SessionLockLostError."""
+    await send(emulator, "s", "x")
+
+    def renew_after_loss() -> None:
+        conn_str = emulator.connection_string
+        with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+            with client.get_queue_receiver("q", session_id="s", max_wait_time=1) as receiver:
+                trio.from_thread.run_sync(emulator.broker.expire_session_lock, "q", "s")
+                receiver.session.renew_lock()
+
+    with pytest.raises(sb_errors.SessionLockLostError):
+        await in_thread(renew_after_loss)
+    [back] = emulator.broker.active_messages("q")
+    assert back.body == b"x"

@@ -953,27 +953,38 @@ class MemorySessionLink:
             out.append(self._broker._received(record, session.locked_until))
         return out
 
-    async def renew_lock(self) -> float:
-        await trio.lowlevel.checkpoint()
+    # The synchronous cores below serve the async API and the emulator's event handling.
+
+    def _renew_now(self) -> float:
         self._broker._inject("renew_lock")
         self._check()
         deadline = trio.current_time() + self._entity.lock_duration
         self._broker._set_lock_deadline(self._entity, self._session, deadline)
         return deadline
 
-    async def get_state(self) -> bytes | None:
-        await trio.lowlevel.checkpoint()
+    def _get_state_now(self) -> bytes | None:
         self._broker._inject("get_state")
         self._check()
         return self._session.state
 
-    async def set_state(self, state: bytes | None) -> None:
-        await trio.lowlevel.checkpoint()
+    def _set_state_now(self, state: bytes | None) -> None:
         if state is not None and not isinstance(state, bytes):
             raise TypeError(f"session state must be bytes or None, not {type(state).__name__}")
         self._broker._inject("set_state")
         self._check()
         self._session.state = state
+
+    async def renew_lock(self) -> float:
+        await trio.lowlevel.checkpoint()
+        return self._renew_now()
+
+    async def get_state(self) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self._get_state_now()
+
+    async def set_state(self, state: bytes | None) -> None:
+        await trio.lowlevel.checkpoint()
+        self._set_state_now(state)
 
     async def aclose(self) -> None:
         if self._closed:

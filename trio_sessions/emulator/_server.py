@@ -286,7 +286,7 @@ class _Connection:
         link.target.copy(link.remote_target)
         if link.is_receiver:  # the client sends on it
             address = link.remote_target.address
-            if address != "$cbs":
+            if address != "$cbs" and not address.endswith("$management"):
                 link.max_message_size = MAX_MESSAGE_SIZE
                 try:
                     self._emulator.broker._send_targets(entity_from_address(address))
@@ -295,7 +295,9 @@ class _Connection:
                     return
             link.open()
             link.flow(CREDIT)
-        elif link.remote_source.address in ("$cbs", "$management"):
+        elif link.remote_source.address == "$cbs" or link.remote_source.address.endswith(
+            "$management"
+        ):
             link.open()
         else:
             self._attach_receiver(link)
@@ -504,6 +506,11 @@ class _Connection:
             message.decode(data)
             self._on_put_token(link, message)
             delivery.update(self._p.Delivery.ACCEPTED)
+        elif link.target.address.endswith("$management"):
+            message = self._p.Message()
+            message.decode(data)
+            self._on_management(link, message)
+            delivery.update(self._p.Delivery.ACCEPTED)
         else:
             entity = entity_from_address(link.target.address)
             messages = self._decode_batch(data)
@@ -603,22 +610,68 @@ class _Connection:
             correlation_id=request.id,
             properties={"status-code": p.int32(status), "status-description": description},
         )
+        self._reply(request_link, response)
+
+    def _reply(self, request_link: Any, response: Any) -> None:
+        """Answer on the client's response link: same session, same node address (spec §9.2)."""
+        address = request_link.target.address
         reply = next(
             (
                 link
                 for link in _links(request_link.session)
-                if link.is_sender and link.source.address == "$cbs"
+                if link.is_sender and link.source.address == address
             ),
             None,
         )
         if reply is None:
-            logger.warning("put-token without a $cbs response link")
+            logger.warning("a request to %s without a response link", address)
             return
         self._tags += 1
         out = reply.delivery(str(self._tags).encode())
         reply.send(response.encode())
         reply.advance()
-        out.settle()
+        out.settle()  # the client never settles responses
+
+    def _on_management(self, request_link: Any, request: Any) -> None:
+        """A ``$management`` request of a session receiver (spec §9.4)."""
+        p = self._p
+        props = request.properties or {}
+        operation = str(props.get("operation", ""))
+        body = request.body if isinstance(request.body, dict) else {}
+        receiving = self._receivers.get(str(props.get("associated-link-name", "")))
+        memlink = None if receiving is None else receiving.link
+        status, condition, description = 200, None, "OK"
+        result: dict[str, Any] = {}
+        try:
+            if memlink is None or str(body.get("session-id", memlink.session_id)) != (
+                memlink.session_id
+            ):
+                raise SessionLockLostError("the session is not locked by a receiver of this client")
+            if operation == "com.microsoft:renew-session-lock":
+                memlink._renew_now()
+                expiry = memlink.locked_until_utc.timestamp() * 1000
+                result = {"expiration": p.timestamp(expiry)}
+            elif operation == "com.microsoft:get-session-state":
+                state = memlink._get_state_now()
+                result = {"session-state": state}
+            elif operation == "com.microsoft:set-session-state":
+                state = body.get("session-state")
+                memlink._set_state_now(None if state is None else bytes(state))
+            else:
+                status, condition = 501, "amqp:not-implemented"
+                description = f"the emulator does not implement {operation!r} yet"
+        except SessionLockLostError as exc:
+            status, condition, description = 410, "com.microsoft:session-lock-lost", str(exc)
+        properties: dict[str, Any] = {
+            "statusCode": p.int32(status),
+            "statusDescription": description,
+        }
+        if condition is not None:
+            properties["errorCondition"] = p.symbol(condition)
+        self._reply(
+            request_link,
+            p.Message(correlation_id=request.id, properties=properties, body=result),
+        )
 
 
 def _links(session: Any) -> list[Any]:
