@@ -183,3 +183,29 @@ async def test_management_after_lock_loss(emulator: Emulator) -> None:
         await in_thread(renew_after_loss)
     [back] = emulator.broker.active_messages("q")
     assert back.body == b"x"
+
+
+async def test_deferred_messages_by_sequence_number(emulator: Emulator) -> None:
+    """Deferred messages come back by sequence number and settle through $management."""
+    await send(emulator, "s", "later", "never")
+
+    def defer_then_fetch() -> list[Any]:
+        conn_str = emulator.connection_string
+        with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+            with client.get_queue_receiver("q", session_id="s", max_wait_time=1) as receiver:
+                first, second = receiver.receive_messages(max_message_count=2, max_wait_time=1)
+                receiver.defer_message(first)
+                receiver.defer_message(second)
+                assert first.sequence_number is not None
+                [again] = receiver.receive_deferred_messages([first.sequence_number])
+                receiver.complete_message(again)
+                missing = ""
+                try:
+                    receiver.receive_deferred_messages([999])
+                except sb_errors.MessageNotFoundError as exc:
+                    missing = type(exc).__name__
+                return [str(again), again.sequence_number, missing]
+
+    assert await in_thread(defer_then_fetch) == ["later", 1, "MessageNotFoundError"]
+    [left] = emulator.broker.active_messages("q")
+    assert left.text() == "never"

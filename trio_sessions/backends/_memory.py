@@ -929,6 +929,21 @@ class MemorySessionLink:
 
     async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
         await trio.lowlevel.checkpoint()
+        return self._receive_deferred_now(sequence_numbers)
+
+    def _settle_by_token(
+        self, lock_token: str, settlement: type[Settlement], **fields: Any
+    ) -> None:
+        """Settle a locked message known only by its lock token (the emulator's
+        ``update-disposition``); raises MessageAlreadySettledError for an unknown token."""
+        self._check()
+        record = self._session.locked.get(lock_token)
+        if record is None:
+            raise MessageAlreadySettledError(f"no locked message has lock token {lock_token}")
+        message = self._broker._received(record, self._session.locked_until)
+        self._settle_one(settlement(message, **fields))
+
+    def _receive_deferred_now(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
         self._broker._inject("receive_deferred")
         self._check()
         if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:

@@ -29,6 +29,7 @@ import trio
 from .._errors import (
     EntityNotFoundError,
     MessageAlreadySettledError,
+    MessageNotFoundError,
     OperationTimeoutError,
     SessionCannotBeLockedError,
     SessionLockLostError,
@@ -403,8 +404,8 @@ class _Connection:
                     await receiving.link.aclose()
             self._work.set()
 
-    def _deliver(self, link: Any, receiving: _Receiving, message: Any, mode: ReceiveMode) -> None:
-        """Send one broker message on a receiver link, tagged with its lock token (spec §6)."""
+    def _encode(self, message: Any, *, deferred: bool = False) -> bytes:
+        """A broker message as the SDK expects it on the wire (spec §5.4, §6)."""
         p = self._p
         out = p.Message(
             id=message.message_id,
@@ -424,14 +425,20 @@ class _Connection:
             annotations[p.symbol("x-opt-locked-until")] = p.timestamp(
                 message.locked_until.timestamp() * 1000
             )
+        if deferred:
+            annotations[p.symbol("x-opt-message-state")] = p.int32(1)
         out.annotations = annotations
+        return _header(message.delivery_count) + _without_header(out.encode())
+
+    def _deliver(self, link: Any, receiving: _Receiving, message: Any, mode: ReceiveMode) -> None:
+        """Send one broker message on a receiver link, tagged with its lock token (spec §6)."""
         if message.lock_token is not None:
             tag = uuid.UUID(message.lock_token).bytes_le
         else:
             self._tags += 1
             tag = self._tags.to_bytes(16, "big")
         delivery = link.delivery(tag)
-        link.send(_header(message.delivery_count) + _without_header(out.encode()))
+        link.send(self._encode(message))
         link.advance()
         if mode is ReceiveMode.RECEIVE_AND_DELETE:
             delivery.settle()
@@ -483,6 +490,27 @@ class _Connection:
             delivery.update(state)
         delivery.settle()
         self._work.set()
+
+    def _update_disposition(self, memlink: Any, body: dict[Any, Any]) -> None:
+        """Settle messages by lock token (deferred ones, and the SDK's fallback, spec §8.3)."""
+        status = str(body["disposition-status"])
+        for token in body.get("lock-tokens", []):
+            lock_token = str(token)
+            if status == "completed":
+                memlink._settle_by_token(lock_token, Complete)
+            elif status == "abandoned":
+                memlink._settle_by_token(lock_token, Abandon)
+            elif status == "defered":  # sic: the SDKs' spelling
+                memlink._settle_by_token(lock_token, Defer)
+            elif status == "suspended":  # dead-letter
+                memlink._settle_by_token(
+                    lock_token,
+                    DeadLetter,
+                    reason=body.get("deadletter-reason") or None,
+                    error_description=body.get("deadletter-description") or None,
+                )
+            else:
+                raise ValueError(f"unknown disposition-status {status!r}")
 
     def _refuse(self, link: Any, condition: str, description: str) -> None:
         p = self._p
@@ -657,11 +685,31 @@ class _Connection:
             elif operation == "com.microsoft:set-session-state":
                 state = body.get("session-state")
                 memlink._set_state_now(None if state is None else bytes(state))
+            elif operation == "com.microsoft:receive-by-sequence-number":
+                numbers = [int(n) for n in body.get("sequence-numbers", [])]
+                result = {
+                    "messages": [
+                        {
+                            "lock-token": uuid.UUID(m.lock_token),
+                            "message": self._encode(m, deferred=True),
+                        }
+                        for m in memlink._receive_deferred_now(numbers)
+                    ]
+                }
+            elif operation == "com.microsoft:update-disposition":
+                self._update_disposition(memlink, body)
             else:
                 status, condition = 501, "amqp:not-implemented"
                 description = f"the emulator does not implement {operation!r} yet"
         except SessionLockLostError as exc:
             status, condition, description = 410, "com.microsoft:session-lock-lost", str(exc)
+        except MessageNotFoundError as exc:
+            status, condition, description = 404, "com.microsoft:message-not-found", str(exc)
+        except MessageAlreadySettledError as exc:
+            status, condition, description = 410, "com.microsoft:message-lock-lost", str(exc)
+        except (KeyError, ValueError, TypeError) as exc:
+            status, condition = 400, "amqp:invalid-field"
+            description = f"bad {operation!r} request: {exc!r}"
         properties: dict[str, Any] = {
             "statusCode": p.int32(status),
             "statusDescription": description,
