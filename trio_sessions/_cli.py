@@ -67,7 +67,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
     commands.add_parser("run", help="process a real entity (not available yet)")
-    commands.add_parser("emulator", help="serve a MemoryBroker over AMQP (not available yet)")
+    emulator = commands.add_parser(
+        "emulator",
+        help="serve a MemoryBroker over AMQP 1.0 for the Service Bus SDKs",
+        description=(
+            "Serve an in-memory Service Bus over AMQP 1.0 on loopback. The first line on "
+            "stdout is the connection string (UseDevelopmentEmulator=true); logs go to "
+            "stderr; SIGINT or SIGTERM stops it."
+        ),
+    )
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument(
+        "--port",
+        type=_bounded(int, "--port", 0, 65536),
+        default=5672,
+        help="TCP port (0: a free port)",
+    )
+    emulator.add_argument("--config", help="the official emulator's Config.json")
+    emulator.add_argument(
+        "--queue",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add a session-enabled queue (repeatable)",
+    )
+    emulator.add_argument("--key-name", default="RootManageSharedAccessKey")
+    emulator.add_argument("--key", default=None, help="SAS key (default: a random one)")
     return parser
 
 
@@ -133,13 +158,14 @@ def _summary(result: DemoResult) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``trio-sessions`` and ``python -m trio_sessions``."""
     args = _parser().parse_args(argv)
-    if args.command in ("run", "emulator"):
-        issue = "production runner" if args.command == "run" else "emulator"
+    if args.command == "run":
         print(
-            f"trio-sessions {args.command}: not available yet (tracked by the {issue} issue)",
+            "trio-sessions run: not available yet (tracked by the production runner issue)",
             file=sys.stderr,
         )
         sys.exit(2)
+    if args.command == "emulator":
+        sys.exit(_emulator(args))
     progress = _Progress(sys.stderr, live=not args.json and sys.stderr.isatty())
     try:
         result = trio.run(
@@ -159,3 +185,49 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(_summary(result))
     sys.exit(0 if result.ok else 1)
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    """Run ``trio-sessions emulator``; return the exit code."""
+    import logging
+    import signal
+
+    from .backends._memory import MemoryBroker
+    from .emulator import serve_emulator
+    from .emulator._config import ConfigError, load_config
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        broker = load_config(args.config) if args.config else MemoryBroker()
+        for name in args.queue:
+            broker.create_queue(name)
+    except (ConfigError, ValueError) as exc:
+        print(f"trio-sessions emulator: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with serve_emulator(
+                broker, host=args.host, port=args.port, key_name=args.key_name, key=args.key
+            ) as emulator:
+                print(emulator.connection_string, flush=True)
+                logging.getLogger("trio_sessions.emulator").info(
+                    "serving on %s:%d", emulator.host, emulator.port
+                )
+                async for signum in signals:
+                    logging.getLogger("trio_sessions.emulator").info(
+                        "stopping on %s", signal.Signals(signum).name
+                    )
+                    return
+
+    try:
+        trio.run(serve)
+    except OSError as exc:
+        print(
+            f"trio-sessions emulator: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
