@@ -120,6 +120,24 @@ class Emulator:
     port: int
     key_name: str
     key: str = attrs.field(repr=False)
+    _connections: set[_Connection] = attrs.field(factory=set, init=False, repr=False)
+
+    @property
+    def connections(self) -> int:
+        """How many client connections are open now."""
+        return len(self._connections)
+
+    def drop_connections(self) -> int:
+        """Fault injection: cut every client connection now, as a network failure would.
+
+        The sessions those clients held are released at once (unsettled messages come back
+        with delivery_count + 1); the clients see their connection fail. Returns how many
+        connections were cut.
+        """
+        dropped = list(self._connections)
+        for connection in dropped:
+            connection.drop()
+        return len(dropped)
 
     @property
     def connection_string(self) -> str:
@@ -200,13 +218,22 @@ class _Connection:
         self._nursery: trio.Nursery | None = None
 
     async def serve(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._read)
-            try:
-                await self._write_loop()
-            finally:
-                nursery.cancel_scope.cancel()
+        self._emulator._connections.add(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read)
+                try:
+                    await self._write_loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._emulator._connections.discard(self)
+
+    def drop(self) -> None:
+        """End this connection without a goodbye; its tasks release what it held."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def _read(self) -> None:
         transport = self._transport
