@@ -252,3 +252,29 @@ async def test_dropped_connections_release_their_sessions(emulator: Emulator) ->
         dropped.set()
     assert outcome[0] in {"ServiceBusConnectionError", "SessionLockLostError"}
     gc.collect()  # collect the SDK's leaked socket here, where its warning is expected
+
+
+async def test_receivers_without_sessions(emulator: Emulator) -> None:
+    """A plain queue's receiver locks each message; settlement and renew-lock work."""
+    await emulator.broker.send("plain", [Message(f"p{i}") for i in range(3)])
+
+    def use_plain() -> list[Any]:
+        conn_str = emulator.connection_string
+        with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+            with client.get_queue_receiver("plain", max_wait_time=1) as receiver:
+                first, second, third = receiver.receive_messages(
+                    max_message_count=3, max_wait_time=1
+                )
+                before = first.locked_until_utc
+                assert before is not None
+                renewed = receiver.renew_message_lock(first)
+                extended = renewed >= before
+                receiver.complete_message(first)
+                receiver.abandon_message(second)
+                receiver.dead_letter_message(third, reason="no")
+                return [str(first), extended]
+
+    assert await in_thread(use_plain) == ["p0", True]
+    [back] = emulator.broker.active_messages("plain")
+    assert (back.text(), back.delivery_count) == ("p1", 1)
+    assert [m.dead_letter_reason for m in emulator.broker.dead_letter_messages("plain")] == ["no"]

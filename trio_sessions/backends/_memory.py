@@ -489,12 +489,18 @@ class MemoryBroker:
             if held is not None and held[0] == deadline:
                 self._drop_message_lock(entity, token)
 
-    def _drop_message_lock(self, entity: _Entity, token: str) -> None:
-        """A message lock ended unsettled: the message is returned (delivery_count + 1)."""
+    def _drop_message_lock(self, entity: _Entity, token: str, *, counted: bool = True) -> None:
+        """A message lock ended unsettled: the message is returned (delivery_count + 1,
+        unless ``counted`` is False: it was released, never handed to user code)."""
         _, record, _ = entity.message_locks.pop(token)
         session = entity.sessions[""]
         session.locked.pop(token, None)
-        self._return(entity, session, record)
+        if counted:
+            self._return(entity, session, record)
+        else:
+            record.lock_token = None
+            if not record.deferred:
+                heapq.heappush(session.available, (record.sequence_number, record))
         entity.notify()
 
     def _pop_ready(self, entity: _Entity) -> _Session | None:
@@ -1095,6 +1101,14 @@ class MemoryReceiver:
     async def settle(self, settlement: Settlement) -> None:
         """Complete, abandon, dead-letter or defer a received message."""
         await trio.lowlevel.checkpoint()
+        self._settle_one(settlement)
+
+    def _release(self, message: ReceivedMessage) -> None:
+        """Give a message back without counting a delivery (an AMQP ``released`` outcome)."""
+        self._held(message, "abandon")
+        self._broker._drop_message_lock(self._entity, message.lock_token or "", counted=False)
+
+    def _settle_one(self, settlement: Settlement) -> None:
         operation = {Complete: "complete", Abandon: "abandon", DeadLetter: "dead_letter"}.get(
             type(settlement), "defer"
         )
@@ -1109,12 +1123,23 @@ class MemoryReceiver:
     async def renew_message_lock(self, message: ReceivedMessage) -> float:
         """Renew one message's lock; return its new Trio-clock deadline."""
         await trio.lowlevel.checkpoint()
-        record = self._held(message, "renew_lock")
-        token = message.lock_token or ""
+        self._held(message, "renew_lock")
+        return self._renew(message.lock_token or "")
+
+    def _renew(self, token: str) -> float:
+        record = self._entity.message_locks[token][1]
         deadline = trio.current_time() + self._entity.lock_duration
         self._entity.message_locks[token] = (deadline, record, self)
         heapq.heappush(self._entity.message_lock_deadlines, (deadline, token))
         return deadline
+
+    def _renew_token_now(self, token: str) -> dt.datetime:
+        """Renew the lock held under ``token`` (the emulator's ``renew-lock``); when it ends."""
+        self._broker._expire_message_locks(self._entity)
+        held = self._entity.message_locks.get(token)
+        if held is None or held[2] is not self:
+            raise MessageLockLostError(f"no message is locked with lock token {token}")
+        return self._broker._utc(self._renew(token))
 
     async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
         """Receive deferred messages by sequence number (`MessageNotFoundError` if unknown)."""

@@ -29,6 +29,7 @@ import trio
 from .._errors import (
     EntityNotFoundError,
     MessageAlreadySettledError,
+    MessageLockLostError,
     MessageNotFoundError,
     OperationTimeoutError,
     SessionCannotBeLockedError,
@@ -37,6 +38,7 @@ from .._errors import (
 )
 from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Message, Settlement
 from .._options import ReceiveMode
+from ..backends._memory import MemoryReceiver
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -344,6 +346,20 @@ class _Connection:
             )
             return
         filters = _data_object(link.remote_source.filter) or {}
+        mode = (
+            ReceiveMode.RECEIVE_AND_DELETE
+            if link.remote_snd_settle_mode == p.Link.SND_SETTLED
+            else ReceiveMode.PEEK_LOCK
+        )
+        if not target.requires_session and SESSION_FILTER not in filters:
+            receiving = _Receiving(
+                link=self._emulator.broker.open_receiver(entity, receive_mode=mode)
+            )
+            self._receivers[link.name] = receiving
+            link.open()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._serve_plain_receiver, link, receiving, mode)
+            return
         if not target.requires_session or SESSION_FILTER not in filters:
             self._refuse(
                 link,
@@ -359,11 +375,6 @@ class _Connection:
         session_id = filters[SESSION_FILTER]
         properties = link.remote_properties or {}
         wait_ms = properties.get(p.symbol("com.microsoft:timeout"), DEFAULT_ACCEPT_WAIT_MS)
-        mode = (
-            ReceiveMode.RECEIVE_AND_DELETE
-            if link.remote_snd_settle_mode == p.Link.SND_SETTLED
-            else ReceiveMode.PEEK_LOCK
-        )
         receiving = _Receiving()
         self._receivers[link.name] = receiving
         assert self._nursery is not None
@@ -429,6 +440,26 @@ class _Connection:
             if receiving.link is not None:
                 with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
                     await receiving.link.aclose()
+            self._work.set()
+
+    async def _serve_plain_receiver(
+        self, link: Any, receiving: _Receiving, mode: ReceiveMode
+    ) -> None:
+        """A receiver of an entity without sessions: messages are locked one by one."""
+        receiver = receiving.link
+        try:
+            with receiving.scope:
+                while True:
+                    while link.credit <= 0:
+                        receiving.flow = trio.Event()
+                        await receiving.flow.wait()
+                    for message in await receiver.receive(link.credit):
+                        self._deliver(link, receiving, message, mode)
+                    self._work.set()
+        finally:
+            self._receivers.pop(link.name, None)
+            with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
+                await receiver.aclose()
             self._work.set()
 
     def _encode(self, message: Any, *, deferred: bool = False) -> bytes:
@@ -517,6 +548,49 @@ class _Connection:
             delivery.update(state)
         delivery.settle()
         self._work.set()
+
+    def _session_management(
+        self, memlink: Any, operation: str, body: dict[Any, Any]
+    ) -> dict[str, Any]:
+        """``$management`` operations of a session receiver (spec §9.4)."""
+        p = self._p
+        if operation == "com.microsoft:renew-session-lock":
+            memlink._renew_now()
+            return {"expiration": p.timestamp(memlink.locked_until_utc.timestamp() * 1000)}
+        if operation == "com.microsoft:get-session-state":
+            return {"session-state": memlink._get_state_now()}
+        if operation == "com.microsoft:set-session-state":
+            state = body.get("session-state")
+            memlink._set_state_now(None if state is None else bytes(state))
+            return {}
+        if operation == "com.microsoft:receive-by-sequence-number":
+            numbers = [int(n) for n in body.get("sequence-numbers", [])]
+            return {
+                "messages": [
+                    {
+                        "lock-token": uuid.UUID(m.lock_token),
+                        "message": self._encode(m, deferred=True),
+                    }
+                    for m in memlink._receive_deferred_now(numbers)
+                ]
+            }
+        if operation == "com.microsoft:update-disposition":
+            self._update_disposition(memlink, body)
+            return {}
+        raise NotImplementedError(operation)
+
+    def _plain_management(
+        self, receiver: MemoryReceiver, operation: str, body: dict[Any, Any]
+    ) -> dict[str, Any]:
+        """``$management`` operations of a receiver without sessions."""
+        p = self._p
+        if operation == "com.microsoft:renew-lock":
+            expirations = [
+                p.timestamp(receiver._renew_token_now(str(token)).timestamp() * 1000)
+                for token in body.get("lock-tokens", [])
+            ]
+            return {"expirations": expirations}
+        raise NotImplementedError(operation)
 
     def _update_disposition(self, memlink: Any, body: dict[Any, Any]) -> None:
         """Settle messages by lock token (deferred ones, and the SDK's fallback, spec §8.3)."""
@@ -698,41 +772,22 @@ class _Connection:
         status, condition, description = 200, None, "OK"
         result: dict[str, Any] = {}
         try:
-            if memlink is None or str(body.get("session-id", memlink.session_id)) != (
+            if isinstance(memlink, MemoryReceiver):
+                result = self._plain_management(memlink, operation, body)
+            elif memlink is None or str(body.get("session-id", memlink.session_id)) != (
                 memlink.session_id
             ):
                 raise SessionLockLostError("the session is not locked by a receiver of this client")
-            if operation == "com.microsoft:renew-session-lock":
-                memlink._renew_now()
-                expiry = memlink.locked_until_utc.timestamp() * 1000
-                result = {"expiration": p.timestamp(expiry)}
-            elif operation == "com.microsoft:get-session-state":
-                state = memlink._get_state_now()
-                result = {"session-state": state}
-            elif operation == "com.microsoft:set-session-state":
-                state = body.get("session-state")
-                memlink._set_state_now(None if state is None else bytes(state))
-            elif operation == "com.microsoft:receive-by-sequence-number":
-                numbers = [int(n) for n in body.get("sequence-numbers", [])]
-                result = {
-                    "messages": [
-                        {
-                            "lock-token": uuid.UUID(m.lock_token),
-                            "message": self._encode(m, deferred=True),
-                        }
-                        for m in memlink._receive_deferred_now(numbers)
-                    ]
-                }
-            elif operation == "com.microsoft:update-disposition":
-                self._update_disposition(memlink, body)
             else:
-                status, condition = 501, "amqp:not-implemented"
-                description = f"the emulator does not implement {operation!r} yet"
+                result = self._session_management(memlink, operation, body)
+        except NotImplementedError:
+            status, condition = 501, "amqp:not-implemented"
+            description = f"the emulator does not implement {operation!r} yet"
         except SessionLockLostError as exc:
             status, condition, description = 410, "com.microsoft:session-lock-lost", str(exc)
         except MessageNotFoundError as exc:
             status, condition, description = 404, "com.microsoft:message-not-found", str(exc)
-        except MessageAlreadySettledError as exc:
+        except (MessageAlreadySettledError, MessageLockLostError) as exc:
             status, condition, description = 410, "com.microsoft:message-lock-lost", str(exc)
         except (KeyError, ValueError, TypeError) as exc:
             status, condition = 400, "amqp:invalid-field"
