@@ -216,6 +216,7 @@ class _Connection:
         self._connection.collect(self._collector)
         self._tags = 0
         self._work = trio.Event()
+        self._drained = trio.Event()
         self._receivers: dict[str, _Receiving] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -253,6 +254,11 @@ class _Connection:
                 if capacity < 0:  # the transport is closed for input
                     self._work.set()
                     return
+                if capacity == 0:  # input is full until our output drains: wait for the writer
+                    self._drained = trio.Event()
+                    self._work.set()
+                    await self._drained.wait()
+                    continue
                 transport.push(data[:capacity])
                 data = data[capacity:]
                 self._handle_events()
@@ -272,6 +278,7 @@ class _Connection:
                     await self._stream.send_all(chunk)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
+                self._drained.set()
                 continue
             deadline = transport.tick(time.monotonic())
             self._work = trio.Event()
