@@ -94,6 +94,17 @@ def _check_duration(name: str, value: object, *, allow_none: bool = False) -> fl
     return float(value)
 
 
+def _operation(settlement: Settlement) -> str:
+    """The `MemoryBroker.fail_next` name of a settlement."""
+    if isinstance(settlement, Complete):
+        return "complete"
+    if isinstance(settlement, Abandon):
+        return "abandon"
+    if isinstance(settlement, DeadLetter):
+        return "dead_letter"
+    return "defer"
+
+
 def _check_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"{kind} name must be a non-empty str without '/', got {name!r}")
@@ -498,9 +509,7 @@ class MemoryBroker:
         if counted:
             self._return(entity, session, record)
         else:
-            record.lock_token = None
-            if not record.deferred:
-                heapq.heappush(session.available, (record.sequence_number, record))
+            self._unlock_record(session, record)
         entity.notify()
 
     def _pop_ready(self, entity: _Entity) -> _Session | None:
@@ -575,9 +584,9 @@ class MemoryBroker:
 
     def _return(self, entity: _Entity, session: _Session, record: _Record) -> None:
         """A delivery ended without settlement: count it, then redeliver or dead-letter."""
-        record.lock_token = None
         record.delivery_count += 1
         if record.delivery_count >= entity.max_delivery_count:
+            record.lock_token = None
             session.deferred.pop(record.sequence_number, None)
             self._dead_letter(
                 entity,
@@ -585,7 +594,13 @@ class MemoryBroker:
                 MAX_DELIVERY_COUNT_EXCEEDED,
                 f"delivered {record.delivery_count} times without being settled",
             )
-        elif not record.deferred:
+        else:
+            self._unlock_record(session, record)
+
+    def _unlock_record(self, session: _Session, record: _Record) -> None:
+        """A message's lock ended: it is available again, unless it stays deferred."""
+        record.lock_token = None
+        if not record.deferred:
             heapq.heappush(session.available, (record.sequence_number, record))
 
     def _apply(
@@ -869,10 +884,7 @@ class MemorySessionLink:
             raise MessageAlreadySettledError(
                 "messages received in RECEIVE_AND_DELETE mode are settled on receipt"
             )
-        operation = {Complete: "complete", Abandon: "abandon", DeadLetter: "dead_letter"}.get(
-            type(settlement), "defer"
-        )
-        self._broker._inject(operation)
+        self._broker._inject(_operation(settlement))
         self._check()
         session = self._session
         if message.session_id != session.session_id:
@@ -895,10 +907,8 @@ class MemorySessionLink:
         record = self._session.locked.pop(message.lock_token or "", None)
         if record is None:
             raise MessageAlreadySettledError(f"message {message.message_id!r} was settled already")
-        record.lock_token = None
-        if not record.deferred:
-            heapq.heappush(self._session.available, (record.sequence_number, record))
-            self._session.wake_receiver()
+        self._broker._unlock_record(self._session, record)
+        self._session.wake_receiver()
 
     async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         await trio.lowlevel.checkpoint()
@@ -1067,12 +1077,7 @@ class MemoryReceiver:
                 if self._receive_mode is ReceiveMode.RECEIVE_AND_DELETE:
                     out.append(broker._received(record, None))
                     continue
-                token = record.lock_token = broker._new_token()
-                lock_deadline = now + entity.lock_duration
-                queue.locked[token] = record
-                entity.message_locks[token] = (lock_deadline, record, self)
-                heapq.heappush(entity.message_lock_deadlines, (lock_deadline, token))
-                out.append(broker._received(record, lock_deadline))
+                out.append(broker._received(record, self._lock(queue, record)))
             if out or now >= deadline:
                 broker._maybe_drop(entity, queue)
                 return out
@@ -1109,10 +1114,7 @@ class MemoryReceiver:
         self._broker._drop_message_lock(self._entity, message.lock_token or "", counted=False)
 
     def _settle_one(self, settlement: Settlement) -> None:
-        operation = {Complete: "complete", Abandon: "abandon", DeadLetter: "dead_letter"}.get(
-            type(settlement), "defer"
-        )
-        record = self._held(settlement.message, operation)
+        record = self._held(settlement.message, _operation(settlement))
         token = settlement.message.lock_token or ""
         del self._entity.message_locks[token]
         queue = self._queue()
@@ -1126,12 +1128,20 @@ class MemoryReceiver:
         self._held(message, "renew_lock")
         return self._renew(message.lock_token or "")
 
-    def _renew(self, token: str) -> float:
-        record = self._entity.message_locks[token][1]
+    def _lock(self, queue: _Session, record: _Record) -> float:
+        """Lock ``record`` to this receiver under a new token; return the lock's deadline."""
+        token = record.lock_token = self._broker._new_token()
+        queue.locked[token] = record
+        return self._set_lock_deadline(token, record)
+
+    def _set_lock_deadline(self, token: str, record: _Record) -> float:
         deadline = trio.current_time() + self._entity.lock_duration
         self._entity.message_locks[token] = (deadline, record, self)
         heapq.heappush(self._entity.message_lock_deadlines, (deadline, token))
         return deadline
+
+    def _renew(self, token: str) -> float:
+        return self._set_lock_deadline(token, self._entity.message_locks[token][1])
 
     def _renew_token_now(self, token: str) -> dt.datetime:
         """Renew the lock held under ``token`` (the emulator's ``renew-lock``); when it ends."""
@@ -1151,16 +1161,7 @@ class MemoryReceiver:
             if record is None or record.lock_token is not None:
                 raise MessageNotFoundError(f"no deferred message with sequence number {seq}")
             records.append(record)
-        now = trio.current_time()
-        out = []
-        for record in records:
-            token = record.lock_token = self._broker._new_token()
-            deadline = now + self._entity.lock_duration
-            queue.locked[token] = record
-            self._entity.message_locks[token] = (deadline, record, self)
-            heapq.heappush(self._entity.message_lock_deadlines, (deadline, token))
-            out.append(self._broker._received(record, deadline))
-        return out
+        return [self._broker._received(record, self._lock(queue, record)) for record in records]
 
     async def aclose(self) -> None:
         """Close the receiver: messages it still holds are returned (delivery_count + 1)."""
