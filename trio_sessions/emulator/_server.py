@@ -432,42 +432,44 @@ class _Connection:
                 }
                 link.open()
                 self._work.set()
-                while True:
-                    while link.credit <= 0:
-                        receiving.flow = trio.Event()
-                        await receiving.flow.wait()
-                    for message in await memlink.receive(link.credit):
-                        self._deliver(link, receiving, message, mode)
-                    self._work.set()
+                await self._pump(link, receiving, mode)
         except SessionLockLostError as exc:
             link.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
             link.close()
         finally:
-            self._receivers.pop(link.name, None)
-            if receiving.link is not None:
-                with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
-                    await receiving.link.aclose()
-            self._work.set()
+            with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
+                await self._forget(link, receiving)
 
     async def _serve_plain_receiver(
         self, link: Any, receiving: _Receiving, mode: ReceiveMode
     ) -> None:
         """A receiver of an entity without sessions: messages are locked one by one."""
-        receiver = receiving.link
         try:
             with receiving.scope:
-                while True:
-                    while link.credit <= 0:
-                        receiving.flow = trio.Event()
-                        await receiving.flow.wait()
-                    for message in await receiver.receive(link.credit):
-                        self._deliver(link, receiving, message, mode)
-                    self._work.set()
+                await self._pump(link, receiving, mode)
         finally:
-            self._receivers.pop(link.name, None)
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
-                await receiver.aclose()
+                await self._forget(link, receiving)
+
+    async def _pump(self, link: Any, receiving: _Receiving, mode: ReceiveMode) -> None:
+        """Deliver the broker link's messages as fast as the client grants credit."""
+        while True:
+            while link.credit <= 0:
+                receiving.flow = trio.Event()
+                await receiving.flow.wait()
+            for message in await receiving.link.receive(link.credit):
+                self._deliver(link, receiving, message, mode)
             self._work.set()
+
+    async def _forget(self, link: Any, receiving: _Receiving) -> None:
+        """The client's receiver is gone: release what its broker link holds.
+
+        Callers shield it (with a deadline): skipping it would strand a session lock.
+        """
+        self._receivers.pop(link.name, None)
+        if receiving.link is not None:
+            await receiving.link.aclose()
+        self._work.set()
 
     def _encode(self, message: Any, *, deferred: bool = False) -> bytes:
         """A broker message as the SDK expects it on the wire (spec §5.4, §6)."""
