@@ -9,9 +9,9 @@ SDK exception stays reachable as ``__cause__``). SDK objects never leave this mo
 except as `ReceivedMessage.raw`.
 
 One receiver per accepted session, used by one task at a time: each `AzureSessionLink`
-serialises its SDK calls behind a Trio lock, and a waiting receive gives that lock up
-every `RECEIVE_SLICE` seconds so that settlements and renewals get their turn. A batch of
-settlements crosses the bridge once.
+serialises its SDK calls behind a Trio lock; a waiting receive is preempted by any other
+call on its link (a settlement, a renewal), which goes first. A batch of settlements
+crosses the bridge once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import contextlib
 import datetime as dt
 import re
 import urllib.parse
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, final
 
 import trio
 import trio_asyncio
@@ -65,9 +65,11 @@ RECEIVE_SLICE = 1.0
 #: How long closing a receiver or sender may take when it is shielded; also how long a
 #: cancelled SDK call may take to end.
 CLOSE_TIMEOUT = 10.0
-#: How long a cancelled SDK call may go on before it is cancelled again (see `_run_in_loop`):
+#: How long a cancelled SDK call may go on before it is cancelled again (see `_Call`):
 #: long enough for the SDK's own cleanup on cancellation, which a second cancel would cut.
 _CANCEL_AGAIN_AFTER = 1.0
+#: The same for a preempted or cancelled receive, whose cancellation needs no cleanup.
+_CANCEL_RECEIVE_AGAIN_AFTER = 0.01
 
 #: SDK exception → ours, most specific first (the first isinstance match wins).
 _SDK_ERRORS: tuple[tuple[type[BaseException], type[SessionsError]], ...] = (
@@ -279,36 +281,61 @@ def _translate_sdk_errors() -> Iterator[None]:
 # --------------------------------------------------------------------------------- bridge
 
 
-async def _run_in_loop(
-    loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """Run ``await fn(*args, **kwargs)`` as an asyncio task in ``loop``; wait for it in Trio.
+class _Preempted(Exception):
+    """A preemptible SDK call was stopped early to let another call on its receiver in."""
 
-    This is trio-asyncio's ``aio_as_trio`` with one difference, on cancellation: the SDK
-    awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can swallow a
-    cancellation that races its own timeout, so one ``Task.cancel()`` (all trio-asyncio
-    sends) sometimes does not stop the call. Here the task is cancelled again until it
-    ends, within `CLOSE_TIMEOUT`; then `trio.Cancelled` propagates.
+
+@final
+class _Call(Generic[T]):
+    """One asyncio task in the backend's loop, awaited from Trio: the bridge crossing.
+
+    This is trio-asyncio's ``aio_as_trio`` with two differences:
+
+    - **Cancellation** is sent again until the task ends (within `CLOSE_TIMEOUT`): the
+      SDK awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can
+      swallow a cancellation that races its own timeout, so the single
+      ``Task.cancel()`` of trio-asyncio sometimes did not stop an accept.
+    - **Preemption**: `preempt` stops a waiting call (a receive) early so that another
+      call on the same receiver can go first; `result` then raises `_Preempted`, unless
+      the task finished anyway, in which case its result is kept (nothing is dropped).
     """
 
-    async def call() -> T:
-        return await fn(*args, **kwargs)
+    #: How long a cancelled task may go on before it is cancelled again.
+    cancel_again_after = _CANCEL_AGAIN_AFTER
 
-    task = asyncio.ensure_future(call(), loop=loop)
-    done = trio.Event()
-    task.add_done_callback(lambda _: done.set())
-    try:
-        await done.wait()
-    except trio.Cancelled:
+    def __init__(self, loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs):
+        async def call() -> T:
+            return await fn(*args, **kwargs)
+
+        self._wake = trio.Event()
+        self._task: asyncio.Future[T] = asyncio.ensure_future(call(), loop=loop)
+        self._task.add_done_callback(lambda _: self._wake.set())
+
+    def preempt(self) -> None:
+        self._wake.set()
+
+    async def result(self) -> T:
+        try:
+            await self._wake.wait()
+        except trio.Cancelled:
+            await self._stop()
+            if not self._task.cancelled():
+                self._task.exception()  # retrieved: asyncio must not log it as never retrieved
+            raise
+        if not self._task.done():
+            await self._stop()
+        if self._task.cancelled():
+            raise _Preempted
+        return self._task.result()
+
+    async def _stop(self) -> None:
+        done = trio.Event()
+        self._task.add_done_callback(lambda _: done.set())
         with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
-            while not task.done():
-                task.cancel()
-                with trio.move_on_after(_CANCEL_AGAIN_AFTER):
+            while not self._task.done():
+                self._task.cancel()
+                with trio.move_on_after(self.cancel_again_after):
                     await done.wait()
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: asyncio must not log it as never retrieved
-        raise
-    return task.result()
 
 
 def _track_amqp_clients(handler: Any) -> list[Any]:
@@ -453,8 +480,10 @@ class AzureServiceBus:
         except BaseExceptionGroup as group:
             # The loop's nursery wraps the body's own exception; let it leave as itself
             # (as open_session_manager does), never an unrelated one.
-            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
-                return False
+            if exc is not None:
+                mine, rest = group.split(lambda error: error is exc)
+                if mine is not None and rest is None:
+                    return False
             raise
 
     async def _close_everything(self) -> None:
@@ -479,7 +508,15 @@ class AzureServiceBus:
                 "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
             )
         with _translate_sdk_errors():
-            return await _run_in_loop(self._loop, fn, *args, **kwargs)
+            return await _Call(self._loop, fn, *args, **kwargs).result()
+
+    def _start(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> _Call[T]:
+        """Start a call that can be preempted; await its `_Call.result` inside `_translate`."""
+        if self._loop is None:
+            raise RuntimeError(
+                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
+            )
+        return _Call(self._loop, fn, *args, **kwargs)
 
     def _require_client(self) -> ServiceBusClient:
         if self._client is None:
@@ -533,6 +570,10 @@ class AzureServiceBus:
             receiver = client.get_subscription_receiver(
                 entity.topic_name, entity.subscription_name, **kwargs
             )
+        # The manager retries (RetryPolicy): the SDK's own retries would multiply every wait
+        # (an accept with max_wait_time=0.2 took 15 s with its defaults). The client's
+        # retry settings still apply to sends; receivers take no retry_total of their own.
+        receiver._config.retry_total = 0
         await self._open_handler(receiver)
         link = AzureSessionLink(self, receiver, receive_mode)
         self._links.add(link)
@@ -541,7 +582,7 @@ class AzureServiceBus:
     async def _open_handler(self, handler: ServiceBusReceiver | ServiceBusSender) -> None:
         """Open an SDK receiver or sender; on failure or cancellation, close all it opened.
 
-        Cancellation reaches the SDK's open (see `_run_in_loop`), and the link is closed
+        Cancellation reaches the SDK's open (see `_Call`), and the link is closed
         (detached) before `trio.Cancelled` propagates.
         """
         opened = _track_amqp_clients(handler)
@@ -645,6 +686,8 @@ class AzureSessionLink:
         self._locked_until_utc = _aware(self._session.locked_until_utc) or dt.datetime.now(dt.UTC)
         self._locked_until = _trio_time(self._locked_until_utc)
         self._on_lock_lost: Callable[[SessionLockLostError], None] | None = None
+        self._receiving: _Call[Any] | None = None
+        self._waiting = 0  # calls other than receive waiting for the lock
         self._closed = False
 
     def __repr__(self) -> str:
@@ -671,21 +714,34 @@ class AzureSessionLink:
             callback(error)
 
     async def _sdk(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        """One SDK call on this receiver, alone on it (the lock), through the chokepoint."""
+        """One SDK call on this receiver, alone on it (the lock), through the chokepoint.
+
+        A waiting receive is preempted, so settlements and renewals never wait for it.
+        """
         if self._closed:
             raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
-        async with self._lock:
+        if self._receiving is not None:
+            self._receiving.preempt()
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             try:
                 return await self._backend._call(fn, *args, **kwargs)
             except SessionLockLostError as exc:
                 self._lost(exc)
                 raise
+        finally:
+            self._lock.release()
 
     async def receive(self, max_count: int) -> list[ReceivedMessage]:
         """Wait for at least one message; return up to ``max_count`` in session order.
 
-        The wait is a series of SDK receives of at most `RECEIVE_SLICE` seconds each, so
-        that settlements and renewals queued on this link get their turn in between.
+        The wait is a series of SDK receives of at most `RECEIVE_SLICE` seconds each; any
+        other call on this link (a settlement, a renewal) preempts the one under way,
+        goes first (Trio's lock is fair), and the receive then carries on.
 
         **Cancellation**: the SDK's receive is cancelled and the link stays usable (the
         actor still settles what is in flight, then closes it). A message that reaches
@@ -693,11 +749,29 @@ class AzureSessionLink:
         kept in the SDK's buffer for the next receive.
         """
         while True:
-            batch = await self._sdk(
-                self._receiver.receive_messages,
-                max_message_count=max_count,
-                max_wait_time=RECEIVE_SLICE,
-            )
+            if self._closed:
+                raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+            async with self._lock:
+                if self._waiting:
+                    continue  # another call queued first: let it go (the lock is fair)
+                call = self._receiving = self._backend._start(
+                    self._receiver.receive_messages,
+                    max_message_count=max_count,
+                    max_wait_time=RECEIVE_SLICE,
+                )
+                # A receive has no cleanup worth waiting for, and the lock renewal may be
+                # the call waiting behind it: a swallowed cancellation is sent again soon.
+                call.cancel_again_after = _CANCEL_RECEIVE_AGAIN_AFTER
+                try:
+                    with _translate_sdk_errors():
+                        batch = await call.result()
+                except _Preempted:
+                    continue
+                except SessionLockLostError as exc:
+                    self._lost(exc)
+                    raise
+                finally:
+                    self._receiving = None
             if batch:
                 return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
 
@@ -762,6 +836,8 @@ class AzureSessionLink:
             return
         self._closed = True
         self._backend._links.discard(self)
+        if self._receiving is not None:
+            self._receiving.preempt()
         async with self._lock:
             with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
                 await self._backend._call(self._receiver.close)
