@@ -31,7 +31,7 @@ from azure.servicebus import exceptions as sb_errors
 from azure.servicebus._pyamqp.utils import amqp_long_value, generate_sas_token
 from azure.servicebus.aio import ServiceBusClient as AsyncServiceBusClient
 
-from trio_sessions import MemoryBroker, Message
+from trio_sessions import MemoryBroker, Message, MessageLockLostError
 from trio_sessions.emulator import Emulator, serve_emulator
 
 pytest.importorskip("proton")
@@ -421,3 +421,70 @@ async def test_subscription_sessions(emulator: Emulator, sdk: type[Any]) -> None
     assert [m.text() for m in broker.dead_letter_messages(SUB)] == ["m3"]
     assert broker.session_state(SUB, "a") == b"state"
     assert broker.locked_sessions(SUB) == []
+
+
+# -- errors and codec ------------------------------------------------------------------
+
+
+async def test_management_and_settlement_errors(emulator: Emulator) -> None:
+    """A lost message lock, a bad disposition status and an unknown operation reach the
+    SDK as its own errors, and the connection keeps working."""
+    from azure.servicebus._common import mgmt_handlers
+
+    broker = emulator.broker
+    await broker.send("plain", [Message("a"), Message("b")])
+
+    def flow() -> list[str]:
+        seen = []
+        conn_str = emulator.connection_string
+        with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+            with client.get_queue_receiver("plain", max_wait_time=1) as receiver:
+                first, second = receiver.receive_messages(max_message_count=2, max_wait_time=1)
+                trio.from_thread.run_sync(broker.fail_next, "complete", MessageLockLostError)
+                try:
+                    receiver.complete_message(first)
+                except sb_errors.MessageLockLostError:
+                    seen.append("MessageLockLostError")
+                assert second.lock_token is not None
+                try:
+                    receiver._settle_message_via_mgmt_link("bogus", [second.lock_token])
+                except sb_errors.ServiceBusError as exc:
+                    seen.append(f"{type(exc).__name__}: {'disposition-status' in str(exc)}")
+                try:
+                    receiver._mgmt_request_response(
+                        b"com.microsoft:bogus", {}, mgmt_handlers.default
+                    )
+                except sb_errors.ServiceBusError as exc:
+                    seen.append(f"{type(exc).__name__}: {'does not implement' in str(exc)}")
+                receiver.complete_message(second)  # still served
+        return seen
+
+    with trio.fail_after(60):
+        seen = await trio.to_thread.run_sync(flow)
+    assert seen == [
+        "MessageLockLostError",
+        "ServiceBusError: True",
+        "ServiceBusError: True",
+    ]
+    [left] = broker.active_messages("plain")
+    assert left.text() == "a"
+
+
+def test_application_property_codec() -> None:
+    """Values proton decodes become plain Python values, and plain values encode back."""
+    import proton
+
+    from trio_sessions.emulator._server import _from_amqp, _to_amqp
+
+    assert _from_amqp(proton.timestamp(1500)) == dt.datetime(1970, 1, 1, 0, 0, 1, 500000, dt.UTC)
+    beyond = proton.timestamp(253402300800000 * 10)  # past datetime's range: kept as ms
+    assert (_from_amqp(beyond), type(_from_amqp(beyond))) == (beyond, int)
+    assert type(_from_amqp(proton.int32(5))) is int
+    assert type(_from_amqp(proton.float32(1.5))) is float
+    assert type(_from_amqp(proton.symbol("s"))) is str
+    assert _from_amqp(memoryview(b"x")) == b"x"
+    assert type(_to_amqp(5)) is proton.int32
+    assert type(_to_amqp(2**40)) is int  # proton encodes a plain int as long
+    assert type(_to_amqp(2**64 - 1)) is proton.ulong
+    assert _to_amqp(True) is True
+    assert _to_amqp(dt.datetime(1970, 1, 1, 0, 0, 2, tzinfo=dt.UTC)) == proton.timestamp(2000)

@@ -631,7 +631,7 @@ class _Connection:
         except SessionLockLostError as exc:
             delivery.local.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
             state = p.Delivery.REJECTED
-        except MessageAlreadySettledError as exc:
+        except (MessageAlreadySettledError, MessageLockLostError) as exc:
             delivery.local.condition = self._condition("com.microsoft:message-lock-lost", str(exc))
             state = p.Delivery.REJECTED
         if not delivery.settled:  # settled by the client (released): no echo wanted
