@@ -104,6 +104,7 @@ async def test_peek(emulator: Emulator, sdk: type[Any]) -> None:
             await call(plain.defer_message(deferred))
             from_two = await call(plain.peek_messages(10, sequence_number=1))
             none_left = await call(plain.peek_messages(5, sequence_number=100))
+            none_left += await call(plain.peek_messages(0))
             return [
                 [(str(m), m.sequence_number, m.delivery_count) for m in in_session],
                 [(str(m), m.state) for m in from_two],

@@ -702,10 +702,13 @@ class _Connection:
         broker = self._emulator.broker
         if operation == "com.microsoft:peek-message":
             session_id = body.get("session-id")
+            count = int(body.get("message-count", 1))
+            if count < 1:  # the Python SDK lets peek_messages(0) through: nothing to show
+                return None
             peeked = broker._peek_now(
                 entity,
                 int(body.get("from-sequence-number", 1)),
-                int(body.get("message-count", 1)),
+                count,
                 None if session_id is None else str(session_id),
             )
             if not peeked:
