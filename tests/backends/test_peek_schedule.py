@@ -108,6 +108,56 @@ async def test_a_waiting_session_receiver_wakes_for_a_scheduled_message(
     assert trio.current_time() == pytest.approx(20)
 
 
+async def test_a_session_holder_already_waiting_sees_a_new_schedule(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Scheduling wakes the session's waiting holder, so it wakes again when it is due
+    (rather than at its lock's expiry)."""
+    broker = MemoryBroker()
+    broker.create_queue("q", lock_duration=60)
+    link = await broker.accept_session(Q, "s")
+    async with trio.open_nursery() as nursery:
+
+        async def schedule() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            await broker.schedule_messages(
+                "q", Message("s", session_id="s"), in_seconds(broker, 20)
+            )
+
+        nursery.start_soon(schedule)
+        [message] = await link.receive(1)
+    assert message.text() == "s"
+    assert trio.current_time() == pytest.approx(20)
+
+
+async def test_waiting_accepts_and_receivers_see_a_new_schedule(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Scheduling wakes waiting accepts and plain receivers to wait for the due time."""
+    broker = MemoryBroker()
+    broker.create_queue("q")
+    broker.create_queue("plain", requires_session=False)
+    receiver = broker.open_receiver("plain")
+    got: dict[str, float] = {}
+
+    async def plain_receive() -> None:
+        await receiver.receive(max_wait_time=100)
+        got["plain"] = trio.current_time()
+
+    async def next_available() -> None:
+        await broker.accept_session(Q, max_wait_time=100)
+        got["accept"] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plain_receive)
+        nursery.start_soon(next_available)
+        await trio.testing.wait_all_tasks_blocked()
+        at = in_seconds(broker, 20)
+        await broker.schedule_messages("q", Message("t", session_id="t"), at)
+        await broker.schedule_messages("plain", Message("p"), at)
+    assert got == pytest.approx({"plain": 20, "accept": 20})
+
+
 async def test_cancel_scheduled_messages() -> None:
     """Cancelled messages never arrive; unknown numbers cancel nothing and raise."""
     broker = MemoryBroker()

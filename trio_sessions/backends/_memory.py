@@ -465,7 +465,12 @@ class MemoryBroker:
         if enqueue_at > now:
             entity.scheduled[seq] = record
             heapq.heappush(entity.scheduled_due, (enqueue_at, seq))
-            entity.notify()  # waiting receivers recompute when to wake
+            # Waiting receivers recompute when to wake: accepts and plain receivers wait
+            # on the entity, a session's holder on its session.
+            entity.notify()
+            session = entity.sessions.get(message.session_id or "")
+            if session is not None and session.link is not None:
+                session.wake_receiver()
             return
         self._enqueue(entity, record)
 
