@@ -412,7 +412,11 @@ class MemoryBroker:
         sequence numbers (on a topic, the number every subscription's copy has).
 
         Raises:
-            the errors of `send`, and TypeError or ValueError for a bad ``enqueue_time``.
+            EntityNotFoundError: no queue or topic named ``entity``.
+            TypeError: something other than a `Message` was given, or ``enqueue_time``
+                is not a datetime.
+            ValueError: ``enqueue_time`` is naive (no timezone), or a message without
+                ``session_id`` was sent to a queue that requires sessions.
         """
         await trio.lowlevel.checkpoint()
         batch = [messages] if isinstance(messages, Message) else list(messages)
