@@ -13,6 +13,7 @@ settlement and ``$management`` come next.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -41,7 +42,6 @@ from .._options import ReceiveMode
 from ..backends._memory import MemoryReceiver
 
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import AsyncIterator
 
     from ..backends._memory import MemoryBroker
@@ -59,6 +59,14 @@ TICKS_AT_EPOCH = 621355968000000000
 #: Server-side wait for a next-available session when the client names none (ms).
 DEFAULT_ACCEPT_WAIT_MS = 60000
 SESSION_FILTER = "com.microsoft:session-filter"
+#: ``$management`` operations on an entity, served without a receiver's lock.
+ENTITY_OPERATIONS = frozenset(
+    {
+        "com.microsoft:peek-message",
+        "com.microsoft:schedule-message",
+        "com.microsoft:cancel-scheduled-message",
+    }
+)
 #: How long closing a broker link may take when a client goes away (it is shielded).
 CLOSE_TIMEOUT = 5.0
 #: Link credit granted to clients' senders, refilled below half.
@@ -159,18 +167,68 @@ class _Receiving:
     link: Any = None  # the MemorySessionLink, once accepted
 
 
-def _header(delivery_count: int) -> bytes:
+def _header(delivery_count: int, ttl_ms: int | None = None) -> bytes:
     """A message header with every field written out.
 
     proton elides trailing default fields, and pyamqp does not pad message sections, so
     a ``delivery-count`` of 0 left to proton reaches the SDK as None (spec §5.4).
+    ``ttl_ms`` is the time to live in milliseconds (a uint, so at most 2**32 - 1).
     """
     first_acquirer = 0x41 if delivery_count == 0 else 0x42
-    return (
-        bytes([0x00, 0x53, 0x70, 0xC0, 0x0B, 0x05])  # header: list8, 11 bytes, 5 fields
-        + bytes([0x42, 0x50, 0x04, 0x40, first_acquirer, 0x70])  # durable, priority, ttl, ...
+    ttl = b"\x40" if ttl_ms is None else b"\x70" + min(ttl_ms, 2**32 - 1).to_bytes(4, "big")
+    fields = (
+        bytes([0x42, 0x50, 0x04])  # durable false, priority 4 (ubyte)
+        + ttl
+        + bytes([first_acquirer, 0x70])
         + delivery_count.to_bytes(4, "big")  # delivery-count (uint)
     )
+    # header: list8 of 5 fields; the size byte counts the count byte and the fields
+    return bytes([0x00, 0x53, 0x70, 0xC0, len(fields) + 1, 0x05]) + fields
+
+
+def _from_amqp(value: Any) -> Any:
+    """An application property value as proton decoded it → a plain Python value.
+
+    AMQP timestamps become aware UTC datetimes, binaries bytes, symbols and chars str,
+    and proton's int and float subclasses (int32, ulong, float32, ...) plain numbers.
+    """
+    proton = _proton()
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    if isinstance(value, proton.timestamp):
+        try:
+            return dt.datetime.fromtimestamp(int(value) / 1000, dt.UTC)
+        except (OverflowError, ValueError, OSError):  # beyond datetime's range
+            return int(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value  # uuid.UUID, decimal.Decimal
+
+
+def _to_amqp(value: Any) -> Any:
+    """A plain Python application property value → what proton should encode.
+
+    An int goes as AMQP int when it fits, else long (else ulong); a datetime as a
+    timestamp. The SDKs read int and long alike.
+    """
+    proton = _proton()
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            return proton.int32(value)
+        if -(2**63) <= value < 2**63:
+            return int(value)
+        return proton.ulong(value)
+    if isinstance(value, dt.datetime):
+        return proton.timestamp(round(value.timestamp() * 1000))
+    return value
 
 
 def _without_header(encoded: bytes | bytearray) -> bytes:
@@ -471,16 +529,23 @@ class _Connection:
             await receiving.link.aclose()
         self._work.set()
 
-    def _encode(self, message: Any, *, deferred: bool = False) -> bytes:
-        """A broker message as the SDK expects it on the wire (spec §5.4, §6)."""
+    def _encode(self, message: Any, *, state: int = 0) -> bytes:
+        """A broker message as the SDK expects it on the wire (spec §5.4, §6).
+
+        ``state`` is Service Bus's message state: 0 active, 1 deferred, 2 scheduled.
+        """
         p = self._p
+        properties = message.application_properties
         out = p.Message(
             id=message.message_id,
             group_id=message.session_id,
             content_type=message.content_type,
             correlation_id=message.correlation_id,
             subject=message.subject,
-            properties=message.application_properties or None,
+            address=message.to,
+            reply_to=message.reply_to,
+            reply_to_group_id=message.reply_to_session_id,
+            properties={k: _to_amqp(v) for k, v in properties.items()} if properties else None,
             body=message.body,
         )
         out.inferred = True  # a bytes body travels as a data section, as the SDK sent it
@@ -492,10 +557,19 @@ class _Connection:
             annotations[p.symbol("x-opt-locked-until")] = p.timestamp(
                 message.locked_until.timestamp() * 1000
             )
-        if deferred:
-            annotations[p.symbol("x-opt-message-state")] = p.int32(1)
+        if message.scheduled_enqueue_time is not None:
+            annotations[p.symbol("x-opt-scheduled-enqueue-time")] = p.timestamp(
+                round(message.scheduled_enqueue_time.timestamp() * 1000)
+            )
+        if message.partition_key is not None:
+            annotations[p.symbol("x-opt-partition-key")] = message.partition_key
+        if state:
+            annotations[p.symbol("x-opt-message-state")] = p.int32(state)
         out.annotations = annotations
-        return _header(message.delivery_count) + _without_header(out.encode())
+        ttl = message.time_to_live
+        return _header(
+            message.delivery_count, None if ttl is None else round(ttl * 1000)
+        ) + _without_header(out.encode())
 
     def _deliver(self, link: Any, receiving: _Receiving, message: Any, mode: ReceiveMode) -> None:
         """Send one broker message on a receiver link, tagged with its lock token (spec §6)."""
@@ -528,18 +602,25 @@ class _Connection:
         if state == p.Delivery.ACCEPTED:
             settlement = Complete(message)
         elif state == p.Delivery.REJECTED:
-            info = (remote.condition.info if remote.condition else None) or {}
-            reason = info.get(p.symbol("DeadLetterReason"), info.get("DeadLetterReason"))
-            description = info.get(
-                p.symbol("DeadLetterErrorDescription"), info.get("DeadLetterErrorDescription")
-            )
+            # The info map carries the reason and description; any other keys (JS puts
+            # them there) are properties to modify.
+            info = _str_keys((remote.condition.info if remote.condition else None) or {})
+            reason = info.pop("DeadLetterReason", None)
+            description = info.pop("DeadLetterErrorDescription", None)
             settlement = DeadLetter(
                 message,
                 None if reason is None else str(reason),
                 None if description is None else str(description),
+                properties_to_modify=info or None,
             )
         elif state == p.Delivery.MODIFIED:
-            settlement = Defer(message) if remote.undeliverable else Abandon(message)
+            # modified's message-annotations are the properties to modify (spec §8.2)
+            modify = _str_keys(remote.annotations or {}) or None
+            settlement = (
+                Defer(message, properties_to_modify=modify)
+                if remote.undeliverable
+                else Abandon(message, properties_to_modify=modify)
+            )
         else:  # released: the client never handed it to user code; no delivery counted
             settlement = None
         try:
@@ -550,7 +631,7 @@ class _Connection:
         except SessionLockLostError as exc:
             delivery.local.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
             state = p.Delivery.REJECTED
-        except MessageAlreadySettledError as exc:
+        except (MessageAlreadySettledError, MessageLockLostError) as exc:
             delivery.local.condition = self._condition("com.microsoft:message-lock-lost", str(exc))
             state = p.Delivery.REJECTED
         if not delivery.settled:  # settled by the client (released): no echo wanted
@@ -578,7 +659,7 @@ class _Connection:
                 "messages": [
                     {
                         "lock-token": uuid.UUID(m.lock_token),
-                        "message": self._encode(m, deferred=True),
+                        "message": self._encode(m, state=1),
                     }
                     for m in memlink._receive_deferred_now(numbers)
                 ]
@@ -599,28 +680,81 @@ class _Connection:
                 for token in body.get("lock-tokens", [])
             ]
             return {"expirations": expirations}
+        if operation == "com.microsoft:receive-by-sequence-number":
+            numbers = [int(n) for n in body.get("sequence-numbers", [])]
+            return {
+                "messages": [
+                    {"lock-token": uuid.UUID(m.lock_token), "message": self._encode(m, state=1)}
+                    for m in receiver._receive_deferred_now(numbers)
+                ]
+            }
+        if operation == "com.microsoft:update-disposition":
+            self._update_disposition(receiver, body)
+            return {}
+        raise NotImplementedError(operation)
+
+    def _entity_management(
+        self, entity: str, operation: str, body: dict[Any, Any]
+    ) -> dict[str, Any] | None:
+        """``$management`` operations on the entity itself, needing no receiver's lock:
+        peek, schedule and cancel (spec §9.4). None means "nothing" (status 204)."""
+        p = self._p
+        broker = self._emulator.broker
+        if operation == "com.microsoft:peek-message":
+            session_id = body.get("session-id")
+            count = int(body.get("message-count", 1))
+            if count < 1:  # the Python SDK lets peek_messages(0) through: nothing to show
+                return None
+            peeked = broker._peek_now(
+                entity,
+                int(body.get("from-sequence-number", 1)),
+                count,
+                None if session_id is None else str(session_id),
+            )
+            if not peeked:
+                return None
+            return {"messages": [{"message": self._encode(m, state=st)} for m, st in peeked]}
+        if operation == "com.microsoft:schedule-message":
+            messages = []
+            for item in body.get("messages", []):
+                decoded = p.Message()
+                decoded.decode(bytes(item["message"]))
+                messages.append(self._to_message(decoded))
+            numbers = broker._send_now(entity, messages)
+            return {"sequence-numbers": p.Array(p.UNDESCRIBED, p.Data.LONG, *numbers)}
+        if operation == "com.microsoft:cancel-scheduled-message":
+            broker._cancel_scheduled_now(entity, [int(n) for n in body.get("sequence-numbers", [])])
+            return {}
         raise NotImplementedError(operation)
 
     def _update_disposition(self, memlink: Any, body: dict[Any, Any]) -> None:
-        """Settle messages by lock token (deferred ones, and the SDK's fallback, spec §8.3)."""
+        """Settle messages by lock token (deferred ones, and the SDK's fallback, spec §8.3).
+
+        ``memlink`` is a session link or a receiver without sessions: both settle by token.
+        """
         status = str(body["disposition-status"])
+        modify = _str_keys(body.get("properties-to-modify") or {}) or None
         for token in body.get("lock-tokens", []):
             lock_token = str(token)
             if status == "completed":
                 memlink._settle_by_token(lock_token, Complete)
             elif status == "abandoned":
-                memlink._settle_by_token(lock_token, Abandon)
+                memlink._settle_by_token(lock_token, Abandon, properties_to_modify=modify)
             elif status == "defered":  # sic: the SDKs' spelling
-                memlink._settle_by_token(lock_token, Defer)
+                memlink._settle_by_token(lock_token, Defer, properties_to_modify=modify)
             elif status == "suspended":  # dead-letter
                 memlink._settle_by_token(
                     lock_token,
                     DeadLetter,
                     reason=body.get("deadletter-reason") or None,
                     error_description=body.get("deadletter-description") or None,
+                    properties_to_modify=modify,
                 )
             else:
-                raise ValueError(f"unknown disposition-status {status!r}")
+                raise ValueError(
+                    f"unknown disposition-status {status!r}: expected completed, abandoned, "
+                    "defered or suspended"
+                )
 
     def _refuse(self, link: Any, condition: str, description: str) -> None:
         p = self._p
@@ -719,10 +853,13 @@ class _Connection:
             body = bytes(body)
         if body is None:
             body = b""
-        properties = {str(k): v for k, v in (message.properties or {}).items()}
+        properties = {str(k): _from_amqp(v) for k, v in (message.properties or {}).items()}
         # proton reads an absent content type as symbol("None")
         content_type = message.content_type
         content_type = None if content_type in (None, "", "None") else str(content_type)
+        annotations = {str(k): v for k, v in (message.annotations or {}).items()}
+        scheduled = _from_amqp(annotations.get("x-opt-scheduled-enqueue-time"))
+        partition_key = annotations.get("x-opt-partition-key")
         return Message(
             body if isinstance(body, bytes) else str(body),
             session_id=message.group_id or None,
@@ -731,6 +868,12 @@ class _Connection:
             content_type=content_type,
             correlation_id=None if message.correlation_id is None else str(message.correlation_id),
             subject=message.subject or None,
+            time_to_live=message.ttl or None,  # proton: seconds; 0 when absent
+            to=message.address or None,
+            reply_to=message.reply_to or None,
+            reply_to_session_id=message.reply_to_group_id or None,
+            scheduled_enqueue_time=scheduled if isinstance(scheduled, dt.datetime) else None,
+            partition_key=None if partition_key is None else str(partition_key),
         )
 
     def _on_put_token(self, request_link: Any, request: Any) -> None:
@@ -779,9 +922,15 @@ class _Connection:
         receiving = self._receivers.get(str(props.get("associated-link-name", "")))
         memlink = None if receiving is None else receiving.link
         status, condition, description = 200, None, "OK"
-        result: dict[str, Any] = {}
+        result: dict[str, Any] | None = {}
+        node = str(request_link.target.address)
+        entity = entity_from_address(node[: -len("/$management")])
         try:
-            if isinstance(memlink, MemoryReceiver):
+            if operation in ENTITY_OPERATIONS:
+                result = self._entity_management(entity, operation, body)
+                if result is None:
+                    status, description, result = 204, "No Content", {}
+            elif isinstance(memlink, MemoryReceiver):
                 result = self._plain_management(memlink, operation, body)
             elif memlink is None or str(body.get("session-id", memlink.session_id)) != (
                 memlink.session_id
@@ -796,6 +945,8 @@ class _Connection:
             status, condition, description = 410, "com.microsoft:session-lock-lost", str(exc)
         except MessageNotFoundError as exc:
             status, condition, description = 404, "com.microsoft:message-not-found", str(exc)
+        except EntityNotFoundError as exc:
+            status, condition, description = 404, "amqp:not-found", str(exc)
         except (MessageAlreadySettledError, MessageLockLostError) as exc:
             status, condition, description = 410, "com.microsoft:message-lock-lost", str(exc)
         except (KeyError, ValueError, TypeError) as exc:
@@ -811,6 +962,11 @@ class _Connection:
             request_link,
             p.Message(correlation_id=request.id, properties=properties, body=result),
         )
+
+
+def _str_keys(mapping: Any) -> dict[str, Any]:
+    """An AMQP map (symbol or string keys) as application properties."""
+    return {str(key): _from_amqp(value) for key, value in dict(mapping).items()}
 
 
 def _links(session: Any) -> list[Any]:
