@@ -201,6 +201,10 @@ async def test_message_fields_round_trip(harness: Harness, clock: object) -> Non
             content_type="application/octet-stream",
             correlation_id="c-1",
             subject="edits",
+            to="doc-service",
+            reply_to="replies",
+            reply_to_session_id="r-1",
+            time_to_live=3600,
         )
     )
     done = Until(1)
@@ -216,6 +220,12 @@ async def test_message_fields_round_trip(harness: Harness, clock: object) -> Non
     assert message.application_properties == {"kind": "edit", "n": 7, "ok": True}
     assert message.content_type == "application/octet-stream"
     assert (message.correlation_id, message.subject) == ("c-1", "edits")
+    assert (message.to, message.reply_to, message.reply_to_session_id) == (
+        "doc-service",
+        "replies",
+        "r-1",
+    )
+    assert message.time_to_live == 3600
     assert message.sequence_number > 0
     assert message.enqueued_time.tzinfo is not None
     assert message.locked_until is not None

@@ -243,6 +243,14 @@ def _message_from_sdk(message: Any, locked_until: dt.datetime | None) -> Receive
         subject=_text(message.subject),
         dead_letter_reason=_text(message.dead_letter_reason),
         dead_letter_error_description=_text(message.dead_letter_error_description),
+        to=_text(message.to),
+        reply_to=_text(message.reply_to),
+        reply_to_session_id=_text(message.reply_to_session_id),
+        time_to_live=(
+            None if message.time_to_live is None else message.time_to_live.total_seconds()
+        ),
+        scheduled_enqueue_time=_aware(message.scheduled_enqueue_time_utc),
+        partition_key=_text(message.partition_key),
         raw=message,
     )
 
@@ -259,6 +267,11 @@ def _message_to_sdk(message: Message) -> ServiceBusMessage:
         time_to_live=(
             None if message.time_to_live is None else dt.timedelta(seconds=message.time_to_live)
         ),
+        to=message.to,
+        reply_to=message.reply_to,
+        reply_to_session_id=message.reply_to_session_id,
+        scheduled_enqueue_time_utc=message.scheduled_enqueue_time,
+        partition_key=message.partition_key,
     )
 
 
