@@ -130,9 +130,6 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(trio_sessions\.)?(backends\._abc\.)?(Backend|SessionLink|EntityPath)"),
     (r"py:.*", r"(trio_sessions\.)?(_actor\.)?(SessionHandler|ErrorHandler|P|T)"),
     (r"py:.*", r"TracebackType|Emulator|Settlement"),
-    # Named in Message's docstring; documented once the Azure backend (DESIGN.md section 4)
-    # has landed with its send method.
-    (r"py:.*", r"AzureServiceBus\.send"),
 ]
 
 # -- autodoc and napoleon --------------------------------------------------------------------

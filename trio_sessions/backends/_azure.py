@@ -434,7 +434,7 @@ class AzureServiceBus:
         """Build from ``Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...``.
 
         The string is checked here, before any connection is made (see
-        `parse_connection_string`); ``UseDevelopmentEmulator=true`` strings (the
+        ``parse_connection_string``); ``UseDevelopmentEmulator=true`` strings (the
         emulator's) work too.
 
         Raises:
