@@ -336,7 +336,7 @@ async def _settled(manager: SessionManager) -> None:
     """Wait until the manager holds no session (its closing callback ran already)."""
     with trio.fail_after(CEILING):
         while manager.stats().active_sessions:
-            await trio.lowlevel.checkpoint()
+            await trio.testing.wait_all_tasks_blocked(0.01)
 
 
 def _entity() -> Any:

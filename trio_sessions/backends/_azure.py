@@ -331,7 +331,7 @@ class _Call(Generic[T]):
         try:
             await self._wake.wait()
         except trio.Cancelled:
-            await self._stop()
+            await self._stop()  # noqa: ASYNC102 - _stop shields itself, with a deadline
             if not self._task.cancelled():
                 self._task.exception()  # retrieved: asyncio must not log it as never retrieved
             raise
@@ -468,7 +468,9 @@ class AzureServiceBus:
             stack.push_async_callback(self._close_everything)
         except BaseException as exc:
             self._loop = None
-            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            # Not shielded: the loop's nursery, entered above, must exit outside any scope
+            # opened after it; _close_everything shields the part that needs it.
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)  # noqa: ASYNC102
             raise
         self._stack = stack
         return self
@@ -489,7 +491,8 @@ class AzureServiceBus:
         if stack is None:
             return False
         try:
-            return bool(await stack.__aexit__(exc_type, exc, tb))
+            # Not shielded, as in __aenter__: _close_everything shields what needs it.
+            return bool(await stack.__aexit__(exc_type, exc, tb))  # noqa: ASYNC102
         except BaseExceptionGroup as group:
             # The loop's nursery wraps the body's own exception; let it leave as itself
             # (as open_session_manager does), never an unrelated one.
