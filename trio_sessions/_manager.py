@@ -16,7 +16,6 @@ nursery lives inside ``subscribe``/``subscribe_sessions``.
 from __future__ import annotations
 
 import inspect
-import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -36,6 +35,7 @@ from ._errors import (
 )
 from ._messages import EntityPath
 from ._options import ReceiveMode, SessionManagerOptions
+from ._redact import Redacted, library_logger
 from ._stats import Counters, ManagerStats
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SessionManager", "open_session_manager"]
 
-logger = logging.getLogger("trio_sessions")
+logger = library_logger("trio_sessions.manager")
 
 #: Accepts of next-available sessions in flight at once: enough that one slow accept
 #: does not serialise acquisition, few enough not to hold many server-side waits.
@@ -337,7 +337,12 @@ class SessionManager:
 
     def _fail(self, error: BaseException) -> None:
         """A fatal error: remember the first, stop, and let ``subscribe*`` raise it."""
-        logger.error("fatal error on %s: %s", self._entity.path, error)
+        logger.error(
+            "fatal error on %s: %s",
+            self._entity.path,
+            Redacted(error),
+            extra={"session_id": None, "entity_path": self._entity.path},
+        )
         if self._fatal is None:
             self._fatal = error
         self.stop()
@@ -353,19 +358,35 @@ class SessionManager:
             error=error, source=source, session_id=session_id, entity_path=self._entity.path
         )
         callback = self._process_error
+        extra = {"session_id": session_id, "entity_path": self._entity.path}
         if callback is None:
+            # Nobody else will see it: a handler's exception gets its traceback.
             logger.warning(
-                "%s error in session %s of %s: %r",
+                "%s error in session %s of %s: %s",
                 source.value,
                 session_id,
                 self._entity.path,
-                error,
+                Redacted(error, use_repr=True),
+                exc_info=error if handler else None,
+                extra=extra,
             )
             return
+        logger.debug(
+            "%s error in session %s of %s, reported to process_error: %s",
+            source.value,
+            session_id,
+            self._entity.path,
+            Redacted(error, use_repr=True),
+            extra=extra,
+        )
         try:
             await callback(context)
         except Exception:
-            logger.exception("process_error raised while handling %r", error)
+            logger.exception(
+                "process_error raised while handling %s",
+                Redacted(error, use_repr=True),
+                extra=extra,
+            )
 
     def stopped(self) -> bool:
         """Whether `stop` was called (it is final)."""
