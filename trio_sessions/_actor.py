@@ -43,6 +43,7 @@ from ._renewal import next_lock_action
 if TYPE_CHECKING:
     import datetime as dt
 
+    from ._otel import Telemetry
     from ._stats import Counters
     from .backends._abc import SessionLink
 
@@ -99,6 +100,7 @@ class ActorHooks:
     process_session: SessionHandler | None = None
     session_initializing: SessionHandler | None = None
     session_closing: SessionHandler | None = None
+    telemetry: Telemetry | None = None
 
 
 class SessionActor:
@@ -138,6 +140,15 @@ class SessionActor:
         self._close_reason: str | None = None
         self._log_extra = {"session_id": link.session_id, "entity_path": hooks.entity_path}
         link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
+        self._settle_batch: Callable[
+            [Sequence[Settlement]], Awaitable[list[BaseException | None]]
+        ] = link.settle
+        if (telemetry := hooks.telemetry) is not None:
+            # OpenTelemetry is configured: swap in traced steps once, so that the
+            # untraced path has no check per message (see _otel).
+            self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
+            self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
+            self._settle_batch = telemetry.traced_settle(link.settle)
 
     # -- SessionPort (what the context calls) ---------------------------------------------
 
@@ -220,8 +231,13 @@ class SessionActor:
         previous, self._current = self._current, None
         if previous is not None:
             await self._auto_settle(previous, Complete(previous))
+        telemetry = self._hooks.telemetry
+        if telemetry is not None:
+            telemetry.end_iteration(self)
         message = await self._next_message()
         self._current = message
+        if telemetry is not None and message is not None:
+            telemetry.begin_iteration(self, message)
         return message
 
     # -- commands ------------------------------------------------------------------------
@@ -275,7 +291,7 @@ class SessionActor:
                 group = batch[i:j]
                 settlements: list[Settlement] = [r.payload for r in group]
                 try:
-                    results = await self._link.settle(settlements)
+                    results = await self._settle_batch(settlements)
                 except BaseException as exc:
                     for r in group:
                         r.resolve(error=exc)

@@ -35,6 +35,7 @@ from ._errors import (
 )
 from ._messages import EntityPath
 from ._options import ReceiveMode, SessionManagerOptions
+from ._otel import telemetry_for
 from ._redact import Redacted, library_logger
 from ._stats import Counters, ManagerStats
 
@@ -220,12 +221,15 @@ class SessionManager:
         self._running = True
         self._not_running = trio.Event()
         self._process_error = process_error
+        # Decided once per run: OpenTelemetry set up after subscribe* started is not seen.
+        telemetry = telemetry_for(self._entity, self._backend)
         hooks = ActorHooks(
             options=self._options,
             receive_mode=self._receive_mode,
             entity_path=self._entity.path,
             counters=self._counters,
-            report=self._report,
+            report=self._report if telemetry is None else telemetry.traced_report(self._report),
+            telemetry=telemetry,
             **callbacks,
         )
         try:
