@@ -242,6 +242,57 @@ async def test_settle_spans_are_children_of_the_process_span(
         assert settle.end_time <= process[mid].end_time  # type: ignore[operator]
 
 
+async def test_settlement_batches_get_one_span_per_disposition(
+    otel: Otel, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Concurrent handlers settle in one batch: a span per disposition, links to producers."""
+    broker = queue_broker()
+    await broker.send(
+        Q,
+        [
+            Message(
+                str(i),
+                session_id="a",
+                message_id=f"m{i}",
+                application_properties={"traceparent": TRACEPARENT},
+            )
+            for i in range(3)
+        ],
+    )
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        await trio.sleep(1)  # all three finish at the same moment
+        if message.message_id == "m1" and message.delivery_count == 0:
+            raise ValueError("abandon m1")
+
+    options = SessionManagerOptions(max_concurrent_calls_per_session=3, session_idle_timeout=1)
+    await run(broker, handle, options=options)
+    first_round = [s for s in otel.finished() if s.kind is SpanKind.CLIENT][:2]
+    complete, abandon = sorted(first_round, key=lambda s: s.name != "complete q")
+    assert complete.name == "complete q"
+    assert attributes_of(complete)["messaging.batch.message_count"] == 2
+    assert "messaging.message.id" not in attributes_of(complete)
+    assert complete.parent is None
+    assert [link.context.trace_id for link in complete.links] == [TRACE_ID, TRACE_ID]
+    assert abandon.name == "abandon q"
+    assert attributes_of(abandon)["messaging.message.id"] == "m1"
+    assert abandon.parent is not None  # one message: the child of its process span
+    assert (complete.start_time, complete.end_time) == (abandon.start_time, abandon.end_time)
+    dispositions = {
+        (
+            attributes_of(s)["messaging.message.id"],
+            attributes_of(s)["messaging.servicebus.disposition_status"],
+        )
+        for s in otel.finished("process q")
+    }
+    assert dispositions == {
+        ("m0", "complete"),
+        ("m1", "abandon"),
+        ("m2", "complete"),
+        ("m1", "complete"),
+    }
+
+
 async def test_handler_errors_fail_the_span_and_redeliveries_count(
     otel: Otel, autojump_clock: trio.testing.MockClock
 ) -> None:

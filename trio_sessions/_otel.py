@@ -144,9 +144,8 @@ class _Processing:
     def fail(self, error: BaseException) -> None:
         if self.error_type is None:
             self.error_type = _error_type(error)
-        span = self.span
-        if span is not None and span.is_recording():
-            self.telemetry.record_error(span, error)
+        if self.span is not None:
+            self.telemetry.record_error(self.span, error, self.error_type)
 
     def settled(self, disposition: str) -> None:
         if self.span is not None:
@@ -259,11 +258,11 @@ class Telemetry:
             links=None if link is None else [link],
         )
 
-    def record_error(self, span: Any, error: BaseException) -> None:
-        """Mark ``span`` failed by ``error``, with secrets masked in what it records."""
-        message = redact(str(error))
+    def record_error(self, span: Any, error: BaseException, error_type: str | None = None) -> None:
+        """Mark ``span`` failed by ``error`` (``error.type``: the first error's), secrets masked."""
         if span.is_recording():
-            span.set_attribute("error.type", _error_type(error))
+            message = redact(str(error))
+            span.set_attribute("error.type", error_type or _error_type(error))
             span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, message))
             span.record_exception(
                 error,
