@@ -29,6 +29,7 @@ from trio_sessions import (
     MemoryBroker,
     Message,
     ReceivedMessage,
+    ServiceBusConnectionError,
     SessionContext,
     SessionManagerOptions,
     open_session_manager,
@@ -151,7 +152,7 @@ async def test_process_spans_follow_the_servicebus_conventions(
                 b"1",
                 session_id="a",
                 message_id="m1",
-                application_properties={"traceparent": TRACEPARENT},
+                application_properties={"traceparent": TRACEPARENT, "tracestate": "k=v"},
             ),
             Message(
                 b"2",
@@ -191,6 +192,7 @@ async def test_process_spans_follow_the_servicebus_conventions(
     # m1 (traceparent) and m2 (Diagnostic-Id) link to the producer; m3 carries no context.
     linked = [[(link.context.trace_id, link.context.span_id) for link in s.links] for s in process]
     assert linked == [[(TRACE_ID, SPAN_ID)], [(TRACE_ID, SPAN_ID)], []]
+    assert dict(process[0].links[0].context.trace_state) == {"k": "v"}
     # The handler's own spans are children of the process span.
     for span in process:
         (work,) = otel.finished(f"work {attributes_of(span)['messaging.message.id']}")
@@ -346,6 +348,47 @@ async def test_lock_loss_cancels_the_span(
     assert attributes_of(first)["error.type"] == "Cancelled"
     assert first.status.status_code is StatusCode.ERROR
     assert "messaging.servicebus.disposition_status" not in attributes_of(first)
+    assert attributes_of(second)["messaging.servicebus.disposition_status"] == "complete"
+
+
+async def test_failed_settlements_fail_their_span(
+    otel: Otel, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A settlement the broker refuses: error.type on both spans, no disposition."""
+    broker = queue_broker()
+    await broker.send(Q, Message(b"x", session_id="a", message_id="m"))
+    broker.fail_next("complete", ServiceBusConnectionError)
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        pass
+
+    await run(broker, handle)
+    failed, completed = otel.finished("complete q")
+    assert attributes_of(failed)["error.type"] == "ServiceBusConnectionError"
+    assert failed.status.status_code is StatusCode.ERROR
+    assert "error.type" not in attributes_of(completed)
+    first, second = otel.finished("process q")
+    assert "messaging.servicebus.disposition_status" not in attributes_of(first)
+    assert attributes_of(first)["error.type"] == "ServiceBusConnectionError"
+    assert attributes_of(second)["messaging.servicebus.disposition_status"] == "complete"
+
+
+async def test_actor_form_lock_loss_ends_the_span(
+    otel: Otel, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A lost lock cancels process_session: the held message's span ends as failed."""
+    broker = queue_broker()
+    await broker.send(Q, Message(b"x", session_id="a", message_id="m"))
+
+    async def process_session(session: SessionContext) -> None:
+        async for message in session:
+            if message.delivery_count == 0:
+                broker.expire_session_lock(Q, "a")
+                await trio.sleep_forever()
+
+    await run(broker, process_session, sessions=True)
+    first, second = otel.finished("process q")
+    assert attributes_of(first)["error.type"] == "Cancelled"
     assert attributes_of(second)["messaging.servicebus.disposition_status"] == "complete"
 
 

@@ -409,5 +409,5 @@ def _histogram(meter: Any) -> Any:
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
             **kwargs,
         )
-    except TypeError:  # opentelemetry-api < 1.23 has no advisory parameters
+    except TypeError:  # opentelemetry-api < 1.30 has no advisory parameters
         return meter.create_histogram("messaging.process.duration", **kwargs)
