@@ -13,6 +13,7 @@ from trio_sessions import (
     MemoryBroker,
     Message,
     ReceivedMessage,
+    ServiceBusConnectionError,
     SessionContext,
     SessionManagerOptions,
     open_session_manager,
@@ -221,11 +222,12 @@ async def test_per_message_events_at_debug(
         "session a: settled message bad (sequence number 4): dead_letter",
     ]
     assert all(sid(r) == "a" for r in debug if "message" in r.getMessage())
-    reported = [r.getMessage() for r in debug if "reported to process_error" in r.getMessage()]
-    assert reported == [
-        "process_message error in session a of q, reported to process_error: "
-        "ValueError('first try fails')"
+    errors = [(r.levelno, r.getMessage()) for r in ours(caplog) if r.levelno > logging.INFO]
+    assert errors == [
+        (logging.ERROR, "process_message error in session a of q: ValueError('first try fails')")
     ]
+    (error_record,) = [r for r in ours(caplog) if r.levelno == logging.ERROR]
+    assert error_record.exc_info is None  # process_error has the traceback
 
 
 @pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["info", "debug"])
@@ -267,7 +269,7 @@ async def _complete(message: ReceivedMessage, context: SessionContext) -> None:
 async def test_handler_errors_without_process_error_are_logged_with_traceback_and_masked(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Nobody else sees them: WARNING with the traceback; a key in the message is masked."""
+    """Nobody else sees them: ERROR with the traceback; a key in the message is masked."""
     broker = MemoryBroker()
     broker.create_queue(Q)
     await broker.send(Q, Message(b"x", session_id="a"))
@@ -283,7 +285,7 @@ async def test_handler_errors_without_process_error_are_logged_with_traceback_an
                 await trio.sleep(1)
                 manager.stop()
     (record,) = ours(caplog)
-    assert record.levelno == logging.WARNING
+    assert record.levelno == logging.ERROR
     assert record.name == "trio_sessions.manager"
     assert sid(record) == "a"
     assert record.exc_info is not None
@@ -291,6 +293,36 @@ async def test_handler_errors_without_process_error_are_logged_with_traceback_an
     assert f"SharedAccessKey={MASK}" in caplog.text
     assert "Traceback (most recent call last)" in caplog.text
     assert "in handle" in caplog.text
+
+
+async def test_retried_errors_and_lost_locks_are_warnings(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What recovers by itself is a WARNING, even with a process_error that handles it."""
+    broker = MemoryBroker()
+    broker.create_queue(Q)
+    await broker.send(Q, Message(b"x", session_id="a"))
+    broker.fail_next("receive", ServiceBusConnectionError)
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        if message.delivery_count == 0:
+            broker.expire_session_lock(Q, "a")
+            await trio.sleep_forever()
+
+    async def on_error(context: ErrorContext) -> None:
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="trio_sessions"):
+        async with open_session_manager(broker, queue_name=Q) as manager:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: manager.subscribe(handle, process_error=on_error))
+                await trio.sleep(5)
+                manager.stop()
+    assert [(r.levelno, r.getMessage().partition(":")[0]) for r in ours(caplog)] == [
+        (logging.WARNING, "receive error in session a of q"),
+        (logging.WARNING, "renew_lock error in session a of q"),
+    ]
+    assert "SessionLockLostError" in caplog.records[-1].getMessage()
 
 
 async def test_failing_process_error_is_logged_masked(
@@ -314,8 +346,9 @@ async def test_failing_process_error_is_logged_masked(
                 nursery.start_soon(lambda: manager.subscribe(handle, process_error=on_error))
                 await trio.sleep(1)
                 manager.stop()
-    (record,) = ours(caplog)
-    assert record.levelno == logging.ERROR
-    assert record.getMessage().startswith("process_error raised while handling RuntimeError(")
+    reported, failed = ours(caplog)
+    assert reported.getMessage().startswith("process_message error in session a of q: ")
+    assert failed.levelno == logging.ERROR
+    assert failed.getMessage().startswith("process_error raised while handling RuntimeError(")
     assert "alerting failed for" in caplog.text
     assert KEY not in caplog.text

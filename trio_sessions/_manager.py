@@ -16,6 +16,7 @@ nursery lives inside ``subscribe``/``subscribe_sessions``.
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from ._errors import (
     ErrorSource,
     OperationTimeoutError,
     SessionCannotBeLockedError,
+    SessionLockLostError,
 )
 from ._messages import EntityPath
 from ._options import ReceiveMode, SessionManagerOptions
@@ -57,6 +59,14 @@ ErrorHandler = Callable[[ErrorContext], Awaitable[object]]
 _RETRIED_ACCEPT_ERRORS: tuple[type[BaseException], ...] = (
     *TRANSIENT_ERRORS,
     SessionCannotBeLockedError,
+)
+
+
+#: Reported errors logged at WARNING, not ERROR: retried, or recovered from by the
+#: broker (a lost lock's messages are delivered again).
+_SELF_HEALING_ERRORS: tuple[type[BaseException], ...] = (
+    *_RETRIED_ACCEPT_ERRORS,
+    SessionLockLostError,
 )
 
 
@@ -363,26 +373,22 @@ class SessionManager:
         )
         callback = self._process_error
         extra = {"session_id": session_id, "entity_path": self._entity.path}
-        if callback is None:
-            # Nobody else will see it: a handler's exception gets its traceback.
-            logger.warning(
-                "%s error in session %s of %s: %s",
-                source.value,
-                session_id,
-                self._entity.path,
-                Redacted(error, use_repr=True),
-                exc_info=error if handler else None,
-                extra=extra,
-            )
-            return
-        logger.debug(
-            "%s error in session %s of %s, reported to process_error: %s",
+        # Logged whether or not process_error handles it, so operators see it without the
+        # application's help: WARNING for what is retried or recovers by itself (a lost
+        # lock: the messages come back), ERROR for the rest, handler exceptions included.
+        # The traceback only when nobody else gets the exception.
+        logger.log(
+            logging.WARNING if isinstance(error, _SELF_HEALING_ERRORS) else logging.ERROR,
+            "%s error in session %s of %s: %s",
             source.value,
             session_id,
             self._entity.path,
             Redacted(error, use_repr=True),
+            exc_info=error if callback is None and handler else None,
             extra=extra,
         )
+        if callback is None:
+            return
         try:
             await callback(context)
         except Exception:
