@@ -37,17 +37,19 @@ from ._errors import (
 )
 from ._messages import Abandon, Complete, DeadLetter, ReceivedMessage, Settlement
 from ._options import ReceiveMode, SessionManagerOptions
+from ._redact import Redacted, library_logger
 from ._renewal import next_lock_action
 
 if TYPE_CHECKING:
     import datetime as dt
 
+    from ._otel import Telemetry
     from ._stats import Counters
     from .backends._abc import SessionLink
 
 __all__ = ["ActorHooks", "SessionActor"]
 
-logger = logging.getLogger("trio_sessions")
+logger = library_logger("trio_sessions.session")
 
 #: How long closing a link may take before it is abandoned (it is shielded).
 CLOSE_TIMEOUT = 10.0
@@ -98,6 +100,7 @@ class ActorHooks:
     process_session: SessionHandler | None = None
     session_initializing: SessionHandler | None = None
     session_closing: SessionHandler | None = None
+    telemetry: Telemetry | None = None
 
 
 class SessionActor:
@@ -134,7 +137,18 @@ class SessionActor:
         self._lock_lost: SessionLockLostError | None = None
         self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
+        self._close_reason: str | None = None
+        self._log_extra = {"session_id": link.session_id, "entity_path": hooks.entity_path}
         link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
+        self._settle_batch: Callable[
+            [Sequence[Settlement]], Awaitable[list[BaseException | None]]
+        ] = link.settle
+        if (telemetry := hooks.telemetry) is not None:
+            # OpenTelemetry is configured: swap in traced steps once, so that the
+            # untraced path has no check per message (see _otel).
+            self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
+            self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
+            self._settle_batch = telemetry.traced_settle(link.settle)
 
     # -- SessionPort (what the context calls) ---------------------------------------------
 
@@ -195,18 +209,19 @@ class SessionActor:
         """Whether `release` was called (a method, so type checkers re-read it after awaits)."""
         return self._draining
 
-    def release(self) -> None:
+    def release(self, reason: str = "released") -> None:
         """Hand no more messages to user code; close once in-flight handlers finish."""
         if self._draining:
             return
         self._draining = True
+        self._close_reason = reason
         if self._receive_scope is not None:
             self._receive_scope.cancel()
         self._wake_pump.set()
 
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
-        self.release()
+        self.release("stopped")
         self._grace_scope.deadline = min(self._grace_scope.deadline, grace_deadline)
 
     async def next_message(self) -> ReceivedMessage | None:
@@ -216,8 +231,13 @@ class SessionActor:
         previous, self._current = self._current, None
         if previous is not None:
             await self._auto_settle(previous, Complete(previous))
+        telemetry = self._hooks.telemetry
+        if telemetry is not None:
+            telemetry.end_iteration(self)
         message = await self._next_message()
         self._current = message
+        if telemetry is not None and message is not None:
+            telemetry.begin_iteration(self, message)
         return message
 
     # -- commands ------------------------------------------------------------------------
@@ -271,11 +291,13 @@ class SessionActor:
                 group = batch[i:j]
                 settlements: list[Settlement] = [r.payload for r in group]
                 try:
-                    results = await self._link.settle(settlements)
+                    results = await self._settle_batch(settlements)
                 except BaseException as exc:
                     for r in group:
                         r.resolve(error=exc)
                     raise
+                if logger.isEnabledFor(logging.DEBUG):
+                    self._log_settled(settlements, results)
                 for r, settlement, error in zip(group, settlements, results, strict=True):
                     if error is None:
                         if isinstance(settlement, Complete):
@@ -316,8 +338,13 @@ class SessionActor:
     async def _on_lock_timer(self) -> None:
         if not self._timer_renews:
             self._timer_at = math.inf
-            logger.info("releasing session %s: lock renewal ended", self.session_id)
-            self.release()
+            logger.info(
+                "releasing session %s: lock renewal ended after %s s",
+                self.session_id,
+                self._options.max_auto_lock_renewal_duration,
+                extra=self._log_extra,
+            )
+            self.release("lock renewal ended")
             return
         try:
             deadline = await self._link.renew_lock()
@@ -341,10 +368,42 @@ class SessionActor:
         self._lock_duration = max(deadline - now, 0.0)
         self._locked_until_utc = self._link.locked_until_utc
         self._lock_scope.deadline = deadline
+        logger.debug(
+            "session %s: lock renewed until %s",
+            self.session_id,
+            self._locked_until_utc,
+            extra=self._log_extra,
+        )
         if self._timer_at != math.inf or self._timer_renews:
             self._timer_at, self._timer_renews = next_lock_action(
                 deadline, self._lock_duration, self._give_up_renewing_at
             )
+
+    def _log_settled(
+        self, settlements: list[Settlement], results: list[BaseException | None]
+    ) -> None:
+        for settlement, error in zip(settlements, results, strict=True):
+            message = settlement.message
+            disposition = _settle_source(settlement).value
+            if error is None:
+                logger.debug(
+                    "session %s: settled message %s (sequence number %s): %s",
+                    self.session_id,
+                    message.message_id,
+                    message.sequence_number,
+                    disposition,
+                    extra=self._log_extra,
+                )
+            else:
+                logger.debug(
+                    "session %s: settling message %s (sequence number %s) as %s failed: %s",
+                    self.session_id,
+                    message.message_id,
+                    message.sequence_number,
+                    disposition,
+                    Redacted(error, use_repr=True),
+                    extra=self._log_extra,
+                )
 
     def _note_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> None:
         """Record the first report of a lost lock and cancel everything under it."""
@@ -363,7 +422,9 @@ class SessionActor:
     async def run(self, on_exit: Callable[[SessionActor], None]) -> None:
         """Run the session until it is idle, released, stopped or its lock is lost."""
         hooks = self._hooks
-        logger.info("session %s of %s accepted", self.session_id, hooks.entity_path)
+        logger.info(
+            "session %s of %s accepted", self.session_id, hooks.entity_path, extra=self._log_extra
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._service, name=f"session {self.session_id} service")
@@ -380,11 +441,22 @@ class SessionActor:
                     )
                     self._lock_lost_source = ErrorSource.RENEW_LOCK
                 if self._lock_lost is not None:
-                    logger.info("session %s lost its lock", self.session_id)
+                    logger.info(
+                        "session %s lost its lock: %s",
+                        self.session_id,
+                        Redacted(self._lock_lost),
+                        extra=self._log_extra,
+                    )
                     await hooks.report(
                         self._lock_lost, self._lock_lost_source, self.session_id, False
                     )
                 self._requests_tx.close()
+        except BaseException as exc:
+            cancelled = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[0] is not None
+            )
+            self._close_reason = "cancelled" if cancelled else "failed"
+            raise
         finally:
             self._requests_tx.close()
             with trio.CancelScope(
@@ -393,10 +465,23 @@ class SessionActor:
                 try:
                     await self._link.aclose()
                 except Exception as exc:
-                    logger.warning("closing session %s failed: %r", self.session_id, exc)
+                    logger.warning(
+                        "closing session %s failed: %s",
+                        self.session_id,
+                        Redacted(exc, use_repr=True),
+                        extra=self._log_extra,
+                    )
             if close_scope.cancelled_caught:
-                logger.warning("closing session %s timed out", self.session_id)
-            logger.info("session %s closed", self.session_id)
+                logger.warning(
+                    "closing session %s timed out", self.session_id, extra=self._log_extra
+                )
+            logger.info(
+                "session %s of %s closed (%s)",
+                self.session_id,
+                hooks.entity_path,
+                "lock lost" if self._lock_lost is not None else self._close_reason or "done",
+                extra=self._log_extra,
+            )
             on_exit(self)
             self.done.set()
 
@@ -407,6 +492,7 @@ class SessionActor:
         try:
             await callback(self.context)
         except Exception as exc:
+            self._close_reason = "session_initializing failed"
             await self._report_unless_lost(exc, ErrorSource.ACCEPT_SESSION, handler=False)
             return False
         return True
@@ -443,6 +529,16 @@ class SessionActor:
 
     def _received(self, batch: list[ReceivedMessage]) -> None:
         self._hooks.counters.messages_received += len(batch)
+        if logger.isEnabledFor(logging.DEBUG):
+            for message in batch:
+                logger.debug(
+                    "session %s: received message %s (sequence number %s, delivery count %s)",
+                    self.session_id,
+                    message.message_id,
+                    message.sequence_number,
+                    message.delivery_count,
+                    extra=self._log_extra,
+                )
         if self._peek_lock:
             for message in batch:
                 if message.lock_token is not None:
@@ -470,13 +566,15 @@ class SessionActor:
                 except Exception as exc:
                     # Not retryable: report it and give the session back.
                     await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    self.release()
+                    self.release("receive failed")
                     return None
                 self._receive_attempt = 0
                 self._received(batch)
                 return batch
             self._receive_scope = None
             if scope.cancelled_caught:
+                if not self._draining:
+                    self._close_reason = "idle"
                 return None
         return None
 
@@ -527,9 +625,13 @@ class SessionActor:
             await self._report_unless_lost(exc, ErrorSource.PROCESS_MESSAGE, handler=True)
             if self._current is not None:
                 await self._auto_settle(self._current, Abandon(self._current))
+            if self._close_reason is None:
+                self._close_reason = "process_session raised"
         else:
             if self._current is not None:
                 await self._auto_settle(self._current, Complete(self._current))
+            if self._close_reason is None:
+                self._close_reason = "process_session returned"
         self._current = None
 
     async def _give_back(self, messages: list[ReceivedMessage]) -> None:

@@ -16,7 +16,6 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import logging
 import secrets
 import time
 import urllib.parse
@@ -39,6 +38,7 @@ from .._errors import (
 )
 from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Message, Settlement
 from .._options import ReceiveMode
+from .._redact import library_logger
 from ..backends._memory import MemoryReceiver
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Emulator", "serve_emulator"]
 
-logger = logging.getLogger("trio_sessions.emulator")
+logger = library_logger("trio_sessions.emulator")
 
 #: Largest frame we accept and announce (Service Bus Standard uses 256 KiB).
 MAX_FRAME_SIZE = 262144
@@ -887,6 +887,9 @@ class _Connection:
             now=time.time(),
         )
         status, description = (202, "Accepted") if problem is None else (401, problem)
+        if problem is not None:
+            # The reason only: the token (its signature) never reaches a log or the client.
+            logger.info("refused a SAS token for %s: %s", audience, problem)
         response = p.Message(
             correlation_id=request.id,
             properties={"status-code": p.int32(status), "status-description": description},
