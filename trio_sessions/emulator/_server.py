@@ -63,6 +63,8 @@ SESSION_FILTER = "com.microsoft:session-filter"
 CLOSE_TIMEOUT = 5.0
 #: Link credit granted to clients' senders, refilled below half.
 CREDIT = 1000
+#: Seconds of silence after which a client is dropped (it is told half: AMQP 1.0 §2.4.5).
+DEFAULT_IDLE_TIMEOUT = 240.0
 #: First-section descriptor codes of an encoded AMQP message (header .. footer).
 _SECTION_CODES = frozenset(bytes([code]) for code in range(0x70, 0x79))
 
@@ -113,15 +115,32 @@ def entity_from_address(address: str | None) -> str:
     return path
 
 
+def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{attribute.name} must be None or seconds > 0, got {value!r}")
+
+
 @attrs.define(eq=False)
 class Emulator:
-    """A running emulator: where it listens and how to connect."""
+    """A running emulator: where it listens and how to connect.
+
+    ``idle_timeout`` (seconds, None for never) is how long a client may stay silent before
+    the emulator closes its connection with ``amqp:resource-limit-exceeded``; the open frame
+    announces half of it, so clients that honour it send empty frames in time. A client
+    that has not sent its AMQP open within ``idle_timeout`` of connecting is dropped too.
+    It applies to connections opened after it is set.
+    """
 
     broker: MemoryBroker
     host: str
     port: int
     key_name: str
     key: str = attrs.field(repr=False)
+    idle_timeout: float | None = attrs.field(
+        default=DEFAULT_IDLE_TIMEOUT, validator=_optional_seconds, kw_only=True
+    )
     _connections: set[_Connection] = attrs.field(factory=set, init=False, repr=False)
 
     @property
@@ -209,6 +228,9 @@ class _Connection:
         self._connection = proton.Connection()
         self._transport = proton.Transport(proton.Transport.SERVER)
         self._transport.max_frame_size = MAX_FRAME_SIZE
+        if emulator.idle_timeout is not None:
+            self._transport.idle_timeout = emulator.idle_timeout
+        self._opened = trio.Event()
         sasl = self._transport.sasl()
         sasl.allowed_mechs("ANONYMOUS")
         self._transport.bind(self._connection)
@@ -226,6 +248,7 @@ class _Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read)
+                nursery.start_soon(self._expect_open)
                 try:
                     await self._write_loop()
                 finally:
@@ -237,6 +260,17 @@ class _Connection:
         """End this connection without a goodbye; its tasks release what it held."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def _expect_open(self) -> None:
+        """Drop a client that connects and never opens (proton times out only open ones)."""
+        timeout = self._emulator.idle_timeout
+        if timeout is None:
+            return
+        with trio.move_on_after(timeout):
+            await self._opened.wait()
+            return
+        logger.info("dropping a client that sent no AMQP open within %s s", timeout)
+        self.drop()
 
     async def _read(self) -> None:
         transport = self._transport
@@ -268,8 +302,12 @@ class _Connection:
         transport = self._transport
         while True:
             self._handle_events()
+            # tick first: it may produce an empty frame (heartbeat) or an idle-timeout close
+            deadline = transport.tick(time.monotonic())
             pending = transport.pending()
             if pending < 0:  # the transport is done for output
+                if transport.condition is not None:
+                    logger.info("closing a client connection: %s", transport.condition)
                 return
             if pending:
                 chunk = transport.peek(pending)
@@ -280,7 +318,6 @@ class _Connection:
                     return
                 self._drained.set()
                 continue
-            deadline = transport.tick(time.monotonic())
             self._work = trio.Event()
             with trio.move_on_at(
                 trio.current_time() + (deadline - time.monotonic() if deadline else 30)
@@ -296,6 +333,7 @@ class _Connection:
             if kind == event_type.CONNECTION_REMOTE_OPEN:
                 self._connection.container = "trio-sessions-emulator"
                 self._connection.open()
+                self._opened.set()
             elif kind == event_type.SESSION_REMOTE_OPEN:
                 event.session.incoming_capacity = 2**30
                 event.session.open()
@@ -831,12 +869,18 @@ async def serve_emulator(
     port: int = 0,
     key_name: str = "RootManageSharedAccessKey",
     key: str | None = None,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
 ) -> AsyncIterator[Emulator]:
-    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs."""
+    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs.
+
+    ``idle_timeout``: see `Emulator`.
+    """
     _proton()
+    emulator = Emulator(
+        broker, host, port, key_name, key or secrets.token_urlsafe(32), idle_timeout=idle_timeout
+    )
     listeners = await trio.open_tcp_listeners(port, host=host)
-    bound_port = listeners[0].socket.getsockname()[1]
-    emulator = Emulator(broker, host, bound_port, key_name, key or secrets.token_urlsafe(32))
+    emulator.port = listeners[0].socket.getsockname()[1]
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
