@@ -16,10 +16,12 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,19 @@ CLOSE_TIMEOUT = 5.0
 CREDIT = 1000
 #: Seconds of silence after which a client is dropped (it is told half: AMQP 1.0 §2.4.5).
 DEFAULT_IDLE_TIMEOUT = 240.0
+#: Seconds a write to a client may make no progress before the client is dropped.
+DEFAULT_WRITE_TIMEOUT = 30.0
+#: Bytes produced for one client and not yet written to its socket above which the
+#: emulator stops taking deliveries for it from the broker and stops reading its requests.
+OUTPUT_LIMIT = 1 << 20
+#: Largest piece written at once: the write timeout bounds each piece.
+WRITE_PIECE = 1 << 16
+#: Messages taken from the broker at once for one receiver link (bounds the output overshoot).
+DELIVERY_BATCH = 32
+#: Seconds spent discarding a client's last input after our close, so it reads our close
+#: frame instead of a connection reset.
+LINGER = 2.0
+AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 #: First-section descriptor codes of an encoded AMQP message (header .. footer).
 _SECTION_CODES = frozenset(bytes([code]) for code in range(0x70, 0x79))
 
@@ -131,6 +146,12 @@ class Emulator:
     announces half of it, so clients that honour it send empty frames in time. A client
     that has not sent its AMQP open within ``idle_timeout`` of connecting is dropped too.
     It applies to connections opened after it is set.
+
+    ``write_timeout`` (seconds, None for never): a client that stops reading, so that a
+    write to it makes no progress for that long, is dropped. Before that, once more than
+    `OUTPUT_LIMIT` bytes (1 MiB) made for a client wait to be written, the emulator stops
+    taking deliveries for it from the broker and stops reading its requests, so a client
+    that does not read costs bounded memory and never holds up other connections.
     """
 
     broker: MemoryBroker
@@ -140,6 +161,9 @@ class Emulator:
     key: str = attrs.field(repr=False)
     idle_timeout: float | None = attrs.field(
         default=DEFAULT_IDLE_TIMEOUT, validator=_optional_seconds, kw_only=True
+    )
+    write_timeout: float | None = attrs.field(
+        default=DEFAULT_WRITE_TIMEOUT, validator=_optional_seconds, kw_only=True
     )
     _connections: set[_Connection] = attrs.field(factory=set, init=False, repr=False)
 
@@ -231,6 +255,10 @@ class _Connection:
         if emulator.idle_timeout is not None:
             self._transport.idle_timeout = emulator.idle_timeout
         self._opened = trio.Event()
+        # chunks taken from proton, each with the time it may be written
+        self._outbox: deque[tuple[float, bytes]] = deque()
+        self._outbox_bytes = 0
+        self._written = 0
         sasl = self._transport.sasl()
         sasl.allowed_mechs("ANONYMOUS")
         self._transport.bind(self._connection)
@@ -245,16 +273,19 @@ class _Connection:
     async def serve(self) -> None:
         self._emulator._connections.add(self)
         try:
+            finished = False
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read)
                 nursery.start_soon(self._expect_open)
                 try:
-                    await self._write_loop()
+                    finished = await self._write_loop()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._emulator._connections.discard(self)
+        if finished:
+            await self._linger()
 
     def drop(self) -> None:
         """End this connection without a goodbye; its tasks release what it held."""
@@ -275,6 +306,7 @@ class _Connection:
     async def _read(self) -> None:
         transport = self._transport
         while True:
+            await self._output_room()  # a client that does not read its replies is not read
             try:
                 data = await self._stream.receive_some(65536)
             except trio.BrokenResourceError:
@@ -289,7 +321,6 @@ class _Connection:
                     self._work.set()
                     return
                 if capacity == 0:  # input is full until our output drains: wait for the writer
-                    self._drained = trio.Event()
                     self._work.set()
                     await self._drained.wait()
                     continue
@@ -298,31 +329,91 @@ class _Connection:
                 self._handle_events()
             self._work.set()
 
-    async def _write_loop(self) -> None:
+    def _backlog(self) -> int:
+        """Bytes made for the client and not yet written to its socket."""
+        buffered = 0
+        session = self._connection.session_head(0)
+        while session is not None:
+            buffered += session.outgoing_bytes  # deliveries proton has not framed yet
+            session = session.next(0)
+        pending: int = self._transport.pending()
+        return self._outbox_bytes + max(pending, 0) + buffered
+
+    async def _output_room(self) -> None:
+        """Wait while more than OUTPUT_LIMIT bytes wait to be written to the client."""
+        while self._backlog() > OUTPUT_LIMIT:
+            self._work.set()  # the writer takes what proton holds
+            await self._drained.wait()
+
+    def _wake_drained(self) -> None:
+        self._drained.set()
+        self._drained = trio.Event()
+
+    async def _write_loop(self) -> bool:
+        """Write what proton produces.
+
+        Returns True when the AMQP connection is over (closed, or ended by a protocol
+        error), False when the client is gone or stopped reading.
+        """
         transport = self._transport
+        outbox = self._outbox
         while True:
             self._handle_events()
             # tick first: it may produce an empty frame (heartbeat) or an idle-timeout close
             deadline = transport.tick(time.monotonic())
             pending = transport.pending()
-            if pending < 0:  # the transport is done for output
+            now = trio.current_time()
+            if pending > 0:
+                outbox.append((now, transport.peek(pending)))
+                transport.pop(pending)
+                self._outbox_bytes += pending
+            if outbox and outbox[0][0] <= now:
+                chunk = outbox.popleft()[1]
+                sent = await self._send(chunk)
+                self._outbox_bytes -= len(chunk)
+                self._wake_drained()
+                if not sent:
+                    return False
+                continue
+            if pending < 0 and not outbox:  # the transport is done for output
                 if transport.condition is not None:
                     logger.info("closing a client connection: %s", transport.condition)
-                return
-            if pending:
-                chunk = transport.peek(pending)
-                transport.pop(pending)
-                try:
-                    await self._stream.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                self._drained.set()
-                continue
+                if not self._written:  # e.g. a TLS header: answer ours (AMQP 1.0 §2.2)
+                    await self._send(AMQP_HEADER)
+                return True
+            wake = math.inf if not deadline else now + deadline - time.monotonic()
+            if outbox:
+                wake = min(wake, outbox[0][0])
             self._work = trio.Event()
-            with trio.move_on_at(
-                trio.current_time() + (deadline - time.monotonic() if deadline else 30)
-            ):
+            with trio.move_on_at(wake):
                 await self._work.wait()
+
+    async def _send(self, chunk: bytes) -> bool:
+        """Write ``chunk``; False if the client is gone or read nothing for write_timeout."""
+        timeout = self._emulator.write_timeout
+        view = memoryview(chunk)
+        try:
+            for start in range(0, len(view), WRITE_PIECE):
+                with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                    await self._stream.send_all(view[start : start + WRITE_PIECE])
+                if scope.cancelled_caught:
+                    logger.warning("dropping a client that read nothing for %s s", timeout)
+                    return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._written += len(chunk)
+        return True
+
+    async def _linger(self) -> None:
+        """After the last frame: half-close and discard the client's remaining input for a
+        while, so that it reads our close frame rather than a reset."""
+        with trio.move_on_after(LINGER):
+            try:
+                await self._stream.send_eof()
+                while await self._stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     # -- events --------------------------------------------------------------------------
 
@@ -354,7 +445,23 @@ class _Connection:
                 event.session.close()
             elif kind == event_type.CONNECTION_REMOTE_CLOSE:
                 self._connection.close()
+            elif kind == event_type.TRANSPORT_TAIL_CLOSED:
+                self._on_input_closed()
             self._collector.pop()
+
+    def _on_input_closed(self) -> None:
+        """proton stops reading at a frame it cannot decode, silently: say so and close.
+
+        (At EOF or a framing error it has set its own condition, and after the client's
+        close ours is under way.)
+        """
+        if self._transport.condition is None and not (
+            self._connection.state & self._p.Endpoint.LOCAL_CLOSED
+        ):
+            self._connection.condition = self._condition(
+                "amqp:decode-error", "the emulator could not decode a frame"
+            )
+            self._connection.close()
 
     def _on_attach(self, link: Any) -> None:
         link.source.copy(link.remote_source)
@@ -495,7 +602,8 @@ class _Connection:
             while link.credit <= 0:
                 receiving.flow = trio.Event()
                 await receiving.flow.wait()
-            for message in await receiving.link.receive(link.credit):
+            await self._output_room()
+            for message in await receiving.link.receive(min(link.credit, DELIVERY_BATCH)):
                 self._deliver(link, receiving, message, mode)
             self._work.set()
 
@@ -870,14 +978,21 @@ async def serve_emulator(
     key_name: str = "RootManageSharedAccessKey",
     key: str | None = None,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    write_timeout: float | None = DEFAULT_WRITE_TIMEOUT,
 ) -> AsyncIterator[Emulator]:
     """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs.
 
-    ``idle_timeout``: see `Emulator`.
+    ``idle_timeout``, ``write_timeout``: see `Emulator`.
     """
     _proton()
     emulator = Emulator(
-        broker, host, port, key_name, key or secrets.token_urlsafe(32), idle_timeout=idle_timeout
+        broker,
+        host,
+        port,
+        key_name,
+        key or secrets.token_urlsafe(32),
+        idle_timeout=idle_timeout,
+        write_timeout=write_timeout,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     emulator.port = listeners[0].socket.getsockname()[1]
