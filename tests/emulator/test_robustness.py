@@ -266,6 +266,22 @@ async def test_sdk_still_served_with_short_idle_timeout() -> None:
         assert await sdk_round_trip(emulator) == "ok"
 
 
+async def test_expired_session_lock_detaches_the_link(emulator: Emulator) -> None:
+    """broker.expire_session_lock detaches the client's link at once (session-lock-lost),
+    even while the client grants no credit."""
+    await emulator.broker.send("q", [Message("x", session_id="s")])
+    async with await Peer.connect(emulator) as peer:
+        await peer.open()
+        await peer.begin()
+        await peer.receive_session("q", "s", credit=1)
+        with trio.fail_after(10):
+            await peer.expect(TRANSFER)
+            emulator.broker.expire_session_lock("q", "s")
+            _, closed, error = (await peer.expect(DETACH))[:3]
+        assert closed is True
+        assert str(error.value[0]) == "com.microsoft:session-lock-lost"
+
+
 # -- malformed input ---------------------------------------------------------------------
 
 FRAMING_ERROR = "amqp:connection:framing-error"

@@ -165,6 +165,7 @@ class Emulator:
     write_timeout: float | None = attrs.field(
         default=DEFAULT_WRITE_TIMEOUT, validator=_optional_seconds, kw_only=True
     )
+    _reply_delay: float = attrs.field(default=0.0, init=False, repr=False)
     _connections: set[_Connection] = attrs.field(factory=set, init=False, repr=False)
 
     @property
@@ -172,17 +173,54 @@ class Emulator:
         """How many client connections are open now."""
         return len(self._connections)
 
-    def drop_connections(self) -> int:
-        """Fault injection: cut every client connection now, as a network failure would.
+    @property
+    def container_ids(self) -> list[str]:
+        """The container-id each open client connection announced (sorted; '' before its
+        open). The Python SDK sends ``SBSender-<uuid>``/``SBReceiver-<uuid>``, or the
+        ``client_identifier`` it was given."""
+        return sorted(c.container_id for c in self._connections)
 
-        The sessions those clients held are released at once (unsettled messages come back
-        with delivery_count + 1); the clients see their connection fail. Returns how many
+    def drop_connections(
+        self, *, container_id: str | None = None, session_id: str | None = None
+    ) -> int:
+        """Fault injection: cut client connections now, as a network failure would.
+
+        With no argument every connection is cut; ``container_id`` cuts only the connections
+        that announced it (see `container_ids`), ``session_id`` only those whose receivers
+        hold that session's lock; both given, a connection must match both. The sessions the
+        cut clients held are released at once (unsettled messages come back with
+        delivery_count + 1); the clients see their connection fail. Returns how many
         connections were cut.
         """
-        dropped = list(self._connections)
+        dropped = [
+            connection
+            for connection in self._connections
+            if (container_id is None or connection.container_id == container_id)
+            and (session_id is None or session_id in connection.session_ids())
+        ]
         for connection in dropped:
             connection.drop()
         return len(dropped)
+
+    def delay_replies(self, seconds: float) -> None:
+        """Fault injection: hold back everything the emulator sends by ``seconds``.
+
+        Replies to CBS ``put-token`` and ``$management`` requests, attach, flow and
+        disposition echoes, deliveries and empty frames all leave that much later than they
+        were produced, on every connection, as over a slow network; their order is kept.
+        It applies to what is produced from now on; ``delay_replies(0)`` ends it. A delay
+        above half a client's idle-time-out can make that client give up (as it should).
+
+        Raises:
+            ValueError: ``seconds`` is not a finite number >= 0.
+        """
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds < math.inf
+        ):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        self._reply_delay = float(seconds)
 
     @property
     def connection_string(self) -> str:
@@ -255,7 +293,8 @@ class _Connection:
         if emulator.idle_timeout is not None:
             self._transport.idle_timeout = emulator.idle_timeout
         self._opened = trio.Event()
-        # chunks taken from proton, each with the time it may be written
+        self.container_id = ""
+        # chunks taken from proton, each with the time it may be written (delay_replies)
         self._outbox: deque[tuple[float, bytes]] = deque()
         self._outbox_bytes = 0
         self._written = 0
@@ -286,6 +325,14 @@ class _Connection:
             self._emulator._connections.discard(self)
         if finished:
             await self._linger()
+
+    def session_ids(self) -> set[str]:
+        """The sessions this connection's receivers hold locked."""
+        return {
+            receiving.link.session_id
+            for receiving in self._receivers.values()
+            if receiving.link is not None and not isinstance(receiving.link, MemoryReceiver)
+        }
 
     def drop(self) -> None:
         """End this connection without a goodbye; its tasks release what it held."""
@@ -350,7 +397,7 @@ class _Connection:
         self._drained = trio.Event()
 
     async def _write_loop(self) -> bool:
-        """Write what proton produces.
+        """Write what proton produces, each chunk held back by `Emulator.delay_replies`.
 
         Returns True when the AMQP connection is over (closed, or ended by a protocol
         error), False when the client is gone or stopped reading.
@@ -364,7 +411,7 @@ class _Connection:
             pending = transport.pending()
             now = trio.current_time()
             if pending > 0:
-                outbox.append((now, transport.peek(pending)))
+                outbox.append((now + self._emulator._reply_delay, transport.peek(pending)))
                 transport.pop(pending)
                 self._outbox_bytes += pending
             if outbox and outbox[0][0] <= now:
@@ -424,6 +471,7 @@ class _Connection:
             if kind == event_type.CONNECTION_REMOTE_OPEN:
                 self._connection.container = "trio-sessions-emulator"
                 self._connection.open()
+                self.container_id = self._connection.remote_container or ""
                 self._opened.set()
             elif kind == event_type.SESSION_REMOTE_OPEN:
                 event.session.incoming_capacity = 2**30
@@ -570,6 +618,7 @@ class _Connection:
                     self._refuse(link, "amqp:not-allowed", str(exc))
                     return
                 receiving.link = memlink
+                memlink.on_lock_lost(lambda exc: self._detach_lost(link, receiving, exc))
                 link.source.filter.clear()
                 link.source.filter.put_dict({p.symbol(SESSION_FILTER): memlink.session_id})
                 link.properties = {
@@ -584,6 +633,14 @@ class _Connection:
         finally:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
                 await self._forget(link, receiving)
+
+    def _detach_lost(self, link: Any, receiving: _Receiving, exc: SessionLockLostError) -> None:
+        """The broker took the session's lock away: detach the link now, as Service Bus does,
+        rather than when the client next grants credit."""
+        link.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
+        link.close()
+        receiving.scope.cancel()
+        self._work.set()
 
     async def _serve_plain_receiver(
         self, link: Any, receiving: _Receiving, mode: ReceiveMode
@@ -666,7 +723,10 @@ class _Connection:
         receiving = self._receivers.get(delivery.link.name)
         message = getattr(delivery, "received_message", None)
         if receiving is None or message is None or receiving.link is None:
-            delivery.settle()
+            if not delivery.link.state & p.Endpoint.LOCAL_CLOSED:
+                delivery.settle()
+            # else: the link is detached (lock lost) and the settlement moot; an echo without
+            # state would only confuse pyamqp, which matches it to its own delivery ids
             return
         state = delivery.remote_state
         remote = delivery.remote
