@@ -216,14 +216,20 @@ async def test_idle_and_silent_clients_are_dropped() -> None:
             assert emulator.connections == 1
 
 
-async def test_idle_timeout_is_validated() -> None:
-    """A bad idle_timeout is refused with the field's name and the allowed values."""
+async def test_timeouts_are_validated() -> None:
+    """A bad idle_timeout or write_timeout is refused with its name and the allowed values;
+    None turns the idle timeout off."""
     with pytest.raises(ValueError, match=r"idle_timeout must be None or seconds > 0, got 0"):
         async with serve_emulator(MemoryBroker(), idle_timeout=0):
             pass  # pragma: no cover
     async with serve_emulator(MemoryBroker(), idle_timeout=None) as emulator:
         with pytest.raises(ValueError, match="idle_timeout"):
             emulator.idle_timeout = -1
+        with pytest.raises(ValueError, match=r"write_timeout must be None or seconds > 0"):
+            emulator.write_timeout = float("nan")
+        async with await Peer.connect(emulator) as peer:
+            opened = await peer.open()
+            assert opened[4:5] in ([], [None])  # no idle-time-out announced (trailing nulls elided)
 
 
 async def sdk_round_trip(emulator: Emulator, session_id: str = "check") -> str:
