@@ -16,10 +16,12 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import math
 import secrets
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,21 @@ ENTITY_OPERATIONS = frozenset(
 CLOSE_TIMEOUT = 5.0
 #: Link credit granted to clients' senders, refilled below half.
 CREDIT = 1000
+#: Seconds of silence after which a client is dropped (it is told half: AMQP 1.0 §2.4.5).
+DEFAULT_IDLE_TIMEOUT = 240.0
+#: Seconds a write to a client may make no progress before the client is dropped.
+DEFAULT_WRITE_TIMEOUT = 30.0
+#: Bytes produced for one client and not yet written to its socket above which the
+#: emulator stops taking deliveries for it from the broker and stops reading its requests.
+OUTPUT_LIMIT = 1 << 20
+#: Largest piece written at once: the write timeout bounds each piece.
+WRITE_PIECE = 1 << 16
+#: Messages taken from the broker at once for one receiver link (bounds the output overshoot).
+DELIVERY_BATCH = 32
+#: Seconds spent discarding a client's last input after our close, so it reads our close
+#: frame instead of a connection reset.
+LINGER = 2.0
+AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 #: First-section descriptor codes of an encoded AMQP message (header .. footer).
 _SECTION_CODES = frozenset(bytes([code]) for code in range(0x70, 0x79))
 
@@ -121,15 +138,42 @@ def entity_from_address(address: str | None) -> str:
     return path
 
 
+def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{attribute.name} must be None or seconds > 0, got {value!r}")
+
+
 @attrs.define(eq=False)
 class Emulator:
-    """A running emulator: where it listens and how to connect."""
+    """A running emulator: where it listens and how to connect.
+
+    ``idle_timeout`` (seconds, None for never) is how long a client may stay silent before
+    the emulator closes its connection with ``amqp:resource-limit-exceeded``; the open frame
+    announces half of it, so clients that honour it send empty frames in time. A client
+    that has not sent its AMQP open within ``idle_timeout`` of connecting is dropped too.
+    It applies to connections opened after it is set.
+
+    ``write_timeout`` (seconds, None for never): a client that stops reading, so that a
+    write to it makes no progress for that long, is dropped. Before that, once more than
+    `OUTPUT_LIMIT` bytes (1 MiB) made for a client wait to be written, the emulator stops
+    taking deliveries for it from the broker and stops reading its requests, so a client
+    that does not read costs bounded memory and never holds up other connections.
+    """
 
     broker: MemoryBroker
     host: str
     port: int
     key_name: str
     key: str = attrs.field(repr=False)
+    idle_timeout: float | None = attrs.field(
+        default=DEFAULT_IDLE_TIMEOUT, validator=_optional_seconds, kw_only=True
+    )
+    write_timeout: float | None = attrs.field(
+        default=DEFAULT_WRITE_TIMEOUT, validator=_optional_seconds, kw_only=True
+    )
+    _reply_delay: float = attrs.field(default=0.0, init=False, repr=False)
     _connections: set[_Connection] = attrs.field(factory=set, init=False, repr=False)
 
     @property
@@ -137,17 +181,54 @@ class Emulator:
         """How many client connections are open now."""
         return len(self._connections)
 
-    def drop_connections(self) -> int:
-        """Fault injection: cut every client connection now, as a network failure would.
+    @property
+    def container_ids(self) -> list[str]:
+        """The container-id each open client connection announced (sorted; '' before its
+        open). The Python SDK sends ``SBSender-<uuid>``/``SBReceiver-<uuid>``, or the
+        ``client_identifier`` it was given."""
+        return sorted(c.container_id for c in self._connections)
 
-        The sessions those clients held are released at once (unsettled messages come back
-        with delivery_count + 1); the clients see their connection fail. Returns how many
+    def drop_connections(
+        self, *, container_id: str | None = None, session_id: str | None = None
+    ) -> int:
+        """Fault injection: cut client connections now, as a network failure would.
+
+        With no argument every connection is cut; ``container_id`` cuts only the connections
+        that announced it (see `container_ids`), ``session_id`` only those whose receivers
+        hold that session's lock; both given, a connection must match both. The sessions the
+        cut clients held are released at once (unsettled messages come back with
+        delivery_count + 1); the clients see their connection fail. Returns how many
         connections were cut.
         """
-        dropped = list(self._connections)
+        dropped = [
+            connection
+            for connection in self._connections
+            if (container_id is None or connection.container_id == container_id)
+            and (session_id is None or session_id in connection.session_ids())
+        ]
         for connection in dropped:
             connection.drop()
         return len(dropped)
+
+    def delay_replies(self, seconds: float) -> None:
+        """Fault injection: hold back everything the emulator sends by ``seconds``.
+
+        Replies to CBS ``put-token`` and ``$management`` requests, attach, flow and
+        disposition echoes, deliveries and empty frames all leave that much later than they
+        were produced, on every connection, as over a slow network; their order is kept.
+        It applies to what is produced from now on; ``delay_replies(0)`` ends it. A delay
+        above half a client's idle-time-out can make that client give up (as it should).
+
+        Raises:
+            ValueError: ``seconds`` is not a finite number >= 0.
+        """
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds < math.inf
+        ):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        self._reply_delay = float(seconds)
 
     @property
     def connection_string(self) -> str:
@@ -267,6 +348,14 @@ class _Connection:
         self._connection = proton.Connection()
         self._transport = proton.Transport(proton.Transport.SERVER)
         self._transport.max_frame_size = MAX_FRAME_SIZE
+        if emulator.idle_timeout is not None:
+            self._transport.idle_timeout = emulator.idle_timeout
+        self._opened = trio.Event()
+        self.container_id = ""
+        # chunks taken from proton, each with the time it may be written (delay_replies)
+        self._outbox: deque[tuple[float, bytes]] = deque()
+        self._outbox_bytes = 0
+        self._written = 0
         sasl = self._transport.sasl()
         sasl.allowed_mechs("ANONYMOUS")
         self._transport.bind(self._connection)
@@ -281,24 +370,48 @@ class _Connection:
     async def serve(self) -> None:
         self._emulator._connections.add(self)
         try:
+            finished = False
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read)
+                nursery.start_soon(self._expect_open)
                 try:
-                    await self._write_loop()
+                    finished = await self._write_loop()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._emulator._connections.discard(self)
+        if finished:
+            await self._linger()
+
+    def session_ids(self) -> set[str]:
+        """The sessions this connection's receivers hold locked."""
+        return {
+            receiving.link.session_id
+            for receiving in self._receivers.values()
+            if receiving.link is not None and not isinstance(receiving.link, MemoryReceiver)
+        }
 
     def drop(self) -> None:
         """End this connection without a goodbye; its tasks release what it held."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def _expect_open(self) -> None:
+        """Drop a client that connects and never opens (proton times out only open ones)."""
+        timeout = self._emulator.idle_timeout
+        if timeout is None:
+            return
+        with trio.move_on_after(timeout):
+            await self._opened.wait()
+            return
+        logger.info("dropping a client that sent no AMQP open within %s s", timeout)
+        self.drop()
+
     async def _read(self) -> None:
         transport = self._transport
         while True:
+            await self._output_room()  # a client that does not read its replies is not read
             try:
                 data = await self._stream.receive_some(65536)
             except trio.BrokenResourceError:
@@ -313,7 +426,6 @@ class _Connection:
                     self._work.set()
                     return
                 if capacity == 0:  # input is full until our output drains: wait for the writer
-                    self._drained = trio.Event()
                     self._work.set()
                     await self._drained.wait()
                     continue
@@ -322,28 +434,91 @@ class _Connection:
                 self._handle_events()
             self._work.set()
 
-    async def _write_loop(self) -> None:
+    def _backlog(self) -> int:
+        """Bytes made for the client and not yet written to its socket."""
+        buffered = 0
+        session = self._connection.session_head(0)
+        while session is not None:
+            buffered += session.outgoing_bytes  # deliveries proton has not framed yet
+            session = session.next(0)
+        pending: int = self._transport.pending()
+        return self._outbox_bytes + max(pending, 0) + buffered
+
+    async def _output_room(self) -> None:
+        """Wait while more than OUTPUT_LIMIT bytes wait to be written to the client."""
+        while self._backlog() > OUTPUT_LIMIT:
+            self._work.set()  # the writer takes what proton holds
+            await self._drained.wait()
+
+    def _wake_drained(self) -> None:
+        self._drained.set()
+        self._drained = trio.Event()
+
+    async def _write_loop(self) -> bool:
+        """Write what proton produces, each chunk held back by `Emulator.delay_replies`.
+
+        Returns True when the AMQP connection is over (closed, or ended by a protocol
+        error), False when the client is gone or stopped reading.
+        """
         transport = self._transport
+        outbox = self._outbox
         while True:
             self._handle_events()
-            pending = transport.pending()
-            if pending < 0:  # the transport is done for output
-                return
-            if pending:
-                chunk = transport.peek(pending)
-                transport.pop(pending)
-                try:
-                    await self._stream.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                self._drained.set()
-                continue
+            # tick first: it may produce an empty frame (heartbeat) or an idle-timeout close
             deadline = transport.tick(time.monotonic())
+            pending = transport.pending()
+            now = trio.current_time()
+            if pending > 0:
+                outbox.append((now + self._emulator._reply_delay, transport.peek(pending)))
+                transport.pop(pending)
+                self._outbox_bytes += pending
+            if outbox and outbox[0][0] <= now:
+                chunk = outbox.popleft()[1]
+                sent = await self._send(chunk)
+                self._outbox_bytes -= len(chunk)
+                self._wake_drained()
+                if not sent:
+                    return False
+                continue
+            if pending < 0 and not outbox:  # the transport is done for output
+                if transport.condition is not None:
+                    logger.info("closing a client connection: %s", transport.condition)
+                if not self._written:  # e.g. a TLS header: answer ours (AMQP 1.0 §2.2)
+                    await self._send(AMQP_HEADER)
+                return True
+            wake = math.inf if not deadline else now + deadline - time.monotonic()
+            if outbox:
+                wake = min(wake, outbox[0][0])
             self._work = trio.Event()
-            with trio.move_on_at(
-                trio.current_time() + (deadline - time.monotonic() if deadline else 30)
-            ):
+            with trio.move_on_at(wake):
                 await self._work.wait()
+
+    async def _send(self, chunk: bytes) -> bool:
+        """Write ``chunk``; False if the client is gone or read nothing for write_timeout."""
+        timeout = self._emulator.write_timeout
+        view = memoryview(chunk)
+        try:
+            for start in range(0, len(view), WRITE_PIECE):
+                with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                    await self._stream.send_all(view[start : start + WRITE_PIECE])
+                if scope.cancelled_caught:
+                    logger.warning("dropping a client that read nothing for %s s", timeout)
+                    return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._written += len(chunk)
+        return True
+
+    async def _linger(self) -> None:
+        """After the last frame: half-close and discard the client's remaining input for a
+        while, so that it reads our close frame rather than a reset."""
+        with trio.move_on_after(LINGER):
+            try:
+                await self._stream.send_eof()
+                while await self._stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     # -- events --------------------------------------------------------------------------
 
@@ -354,6 +529,8 @@ class _Connection:
             if kind == event_type.CONNECTION_REMOTE_OPEN:
                 self._connection.container = "trio-sessions-emulator"
                 self._connection.open()
+                self.container_id = self._connection.remote_container or ""
+                self._opened.set()
             elif kind == event_type.SESSION_REMOTE_OPEN:
                 event.session.incoming_capacity = 2**30
                 event.session.open()
@@ -374,7 +551,23 @@ class _Connection:
                 event.session.close()
             elif kind == event_type.CONNECTION_REMOTE_CLOSE:
                 self._connection.close()
+            elif kind == event_type.TRANSPORT_TAIL_CLOSED:
+                self._on_input_closed()
             self._collector.pop()
+
+    def _on_input_closed(self) -> None:
+        """proton stops reading at a frame it cannot decode, silently: say so and close.
+
+        (At EOF or a framing error it has set its own condition, and after the client's
+        close ours is under way.)
+        """
+        if self._transport.condition is None and not (
+            self._connection.state & self._p.Endpoint.LOCAL_CLOSED
+        ):
+            self._connection.condition = self._condition(
+                "amqp:decode-error", "the emulator could not decode a frame"
+            )
+            self._connection.close()
 
     def _on_attach(self, link: Any) -> None:
         link.source.copy(link.remote_source)
@@ -483,6 +676,7 @@ class _Connection:
                     self._refuse(link, "amqp:not-allowed", str(exc))
                     return
                 receiving.link = memlink
+                memlink.on_lock_lost(lambda exc: self._detach_lost(link, receiving, exc))
                 link.source.filter.clear()
                 link.source.filter.put_dict({p.symbol(SESSION_FILTER): memlink.session_id})
                 link.properties = {
@@ -497,6 +691,14 @@ class _Connection:
         finally:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
                 await self._forget(link, receiving)
+
+    def _detach_lost(self, link: Any, receiving: _Receiving, exc: SessionLockLostError) -> None:
+        """The broker took the session's lock away: detach the link now, as Service Bus does,
+        rather than when the client next grants credit."""
+        link.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
+        link.close()
+        receiving.scope.cancel()
+        self._work.set()
 
     async def _serve_plain_receiver(
         self, link: Any, receiving: _Receiving, mode: ReceiveMode
@@ -515,7 +717,8 @@ class _Connection:
             while link.credit <= 0:
                 receiving.flow = trio.Event()
                 await receiving.flow.wait()
-            for message in await receiving.link.receive(link.credit):
+            await self._output_room()
+            for message in await receiving.link.receive(min(link.credit, DELIVERY_BATCH)):
                 self._deliver(link, receiving, message, mode)
             self._work.set()
 
@@ -594,7 +797,10 @@ class _Connection:
         receiving = self._receivers.get(delivery.link.name)
         message = getattr(delivery, "received_message", None)
         if receiving is None or message is None or receiving.link is None:
-            delivery.settle()
+            if not delivery.link.state & p.Endpoint.LOCAL_CLOSED:
+                delivery.settle()
+            # else: the link is detached (lock lost) and the settlement moot; an echo without
+            # state would only confuse pyamqp, which matches it to its own delivery ids
             return
         state = delivery.remote_state
         remote = delivery.remote
@@ -990,12 +1196,25 @@ async def serve_emulator(
     port: int = 0,
     key_name: str = "RootManageSharedAccessKey",
     key: str | None = None,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    write_timeout: float | None = DEFAULT_WRITE_TIMEOUT,
 ) -> AsyncIterator[Emulator]:
-    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs."""
+    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs.
+
+    ``idle_timeout``, ``write_timeout``: see `Emulator`.
+    """
     _proton()
+    emulator = Emulator(
+        broker,
+        host,
+        port,
+        key_name,
+        key or secrets.token_urlsafe(32),
+        idle_timeout=idle_timeout,
+        write_timeout=write_timeout,
+    )
     listeners = await trio.open_tcp_listeners(port, host=host)
-    bound_port = listeners[0].socket.getsockname()[1]
-    emulator = Emulator(broker, host, bound_port, key_name, key or secrets.token_urlsafe(32))
+    emulator.port = listeners[0].socket.getsockname()[1]
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
