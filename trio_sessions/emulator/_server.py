@@ -157,7 +157,7 @@ class Emulator:
 
     ``write_timeout`` (seconds, None for never): a client that stops reading, so that a
     write to it makes no progress for that long, is dropped. Before that, once more than
-    `OUTPUT_LIMIT` bytes (1 MiB) made for a client wait to be written, the emulator stops
+    ``OUTPUT_LIMIT`` bytes (1 MiB) made for a client wait to be written, the emulator stops
     taking deliveries for it from the broker and stops reading its requests, so a client
     that does not read costs bounded memory and never holds up other connections.
     """
