@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final
 
 import trio
 import trio_asyncio
+from azure.core.exceptions import ClientAuthenticationError
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusReceiveMode
 from azure.servicebus import exceptions as sdk_errors
 from azure.servicebus.aio import ServiceBusClient
@@ -272,9 +273,15 @@ def _translate_sdk_errors() -> Iterator[None]:
                 raise ours(str(exc)) from exc
         if _SESSIONS_NOT_ENABLED.search(str(exc)):
             raise SessionsNotEnabledError(str(exc)) from exc
+        # A credential that cannot get a token (DefaultAzureCredential with no identity
+        # signed in): the SDK wraps it in a plain "Handler failed" ServiceBusError.
+        if isinstance(getattr(exc, "inner_exception", None), ClientAuthenticationError):
+            raise AuthenticationError(str(exc)) from exc
         raise
     except sdk_errors.MessageAlreadySettled as exc:
         raise MessageAlreadySettledError(str(exc)) from exc
+    except ClientAuthenticationError as exc:
+        raise AuthenticationError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------- bridge
