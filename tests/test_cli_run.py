@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -614,3 +615,62 @@ async def test_runner_in_process(emulator: Emulator, caplog: pytest.LogCaptureFi
     assert broker.active_message_count("q") == 0
     assert "SIGINT: draining" in stream.getvalue()
     assert "stopped after" in stream.getvalue()
+
+
+class FailingCredential:
+    """Stands in for DefaultAzureCredential when no identity is signed in."""
+
+    closed = 0
+
+    def __init__(self) -> None:
+        from azure.core.exceptions import ClientAuthenticationError
+
+        self._error = ClientAuthenticationError("DefaultAzureCredential failed to get a token")
+
+    async def get_token(self, *scopes: str, **kwargs: object) -> object:
+        raise self._error
+
+    async def close(self) -> None:
+        FailingCredential.closed += 1
+
+
+async def test_namespace_sign_in_failure_is_fatal(
+    emulator: Emulator, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--namespace: a credential that gets no token is an AuthenticationError, exit 1."""
+    identity = types.ModuleType("azure.identity.aio")
+    identity.DefaultAzureCredential = FailingCredential  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "azure.identity.aio", identity)
+    caplog.set_level(logging.INFO, logger="trio_sessions")
+
+    async def process(message: object, context: object) -> None:
+        raise AssertionError("no message can arrive")
+
+    runner = Runner(
+        handler=process,
+        target="test:process",
+        sessions=False,
+        entity=Entity(queue_name="q"),
+        connection=Connection(
+            host=f"{emulator.host}:{emulator.port}",
+            namespace=f"{emulator.host}:{emulator.port}",
+            source="--namespace",
+            client_kwargs={"retry_total": 0, "use_tls": False},  # the emulator has no TLS
+        ),
+        options=SessionManagerOptions(accept_timeout=1.0),
+        receive_mode=ReceiveMode.PEEK_LOCK,
+        status_interval=0,
+        live=None,
+    )
+    with trio.fail_after(CEILING):
+        assert await runner.serve() == 1
+    assert FailingCredential.closed == 1  # the backend's own credential is closed
+    (hint,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "trio_sessions.run" and r.levelno == logging.ERROR
+    ]
+    assert hint.startswith("access to queue 'q' in namespace 127.0.0.1:")
+    assert "failed to get a token" in hint
+    assert "check that you are signed in (az login, a managed identity)" in hint
+    assert "'Azure Service Bus Data Receiver' role" in hint

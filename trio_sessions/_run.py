@@ -622,7 +622,7 @@ def configure_logging(
 ) -> LiveStatusHandler | None:
     """Send every log record to ``stream`` (root logger); return the live handler, if any.
 
-    The Azure SDK's own loggers stay at WARNING: at INFO they describe every AMQP frame.
+    The Azure SDK's own loggers are silenced unless ``level`` is DEBUG.
     """
     handler: logging.StreamHandler[TextIO]
     live_handler = None
@@ -636,7 +636,9 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("azure").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # The SDK's own records repeat, with tracebacks, what the manager reports (translated)
+    # and logs itself: shown only with --log-level DEBUG.
+    logging.getLogger("azure").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     return live_handler
 
 
@@ -756,10 +758,11 @@ class Runner:
                 extra={"session_id": context.session_id},
             )
         else:
+            where = "" if context.session_id is None else f" in session {context.session_id}"
             logger.warning(
-                "%s error in session %s of %s: %s",
+                "%s error%s of %s (retried): %s",
                 context.source.value,
-                context.session_id,
+                where,
                 context.entity_path,
                 mask_secrets(_one_line(error)),
                 extra={"session_id": context.session_id},
