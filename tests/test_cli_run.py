@@ -9,10 +9,12 @@ never for time to pass.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -340,6 +342,38 @@ async def test_actor_form_and_json_logs(workdir: Path, emulator: Emulator) -> No
     assert status["max_concurrent_sessions"] == 8
     assert {"sessions_held", "messages_per_s", "messages_completed", "errors"} <= set(status)
     assert any(r["message"].startswith("SIGTERM: draining") for r in records)
+
+
+async def test_live_status_line_on_a_terminal(workdir: Path, emulator: Emulator) -> None:
+    """With stderr on a terminal, a status line is redrawn in place under the log lines."""
+    await emulator.broker.send("q", Message("m", session_id="a"))
+    master, slave = os.openpty()
+    env = {**os.environ, "RUN_RECORD": str(workdir / "record.txt")}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_sessions", "run", f"{HANDLER_MODULE}:quick", "--queue", "q",
+         "--connection-string", emulator.connection_string, *FAST],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, cwd=workdir, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    try:
+        with trio.fail_after(CEILING):
+            async with trio.lowlevel.FdStream(master) as terminal:
+                while b"\r\x1b[Ksessions held" not in seen:
+                    seen += await terminal.receive_some()
+                process.send_signal(signal.SIGINT)
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    while chunk := await terminal.receive_some():  # EIO once the child exits
+                        seen += chunk
+                code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0, seen.decode(errors="replace")
+    text = seen.decode()
+    assert "completed 1 | errors 0" in text
+    # A log record clears the status line, is written, and the status line comes back.
+    assert re.search(r"\r\x1b\[K[^\r\n]* SIGINT: draining[^\r\n]*\r?\nsessions held", text)
 
 
 BAD_MODULES = {
