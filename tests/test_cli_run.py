@@ -27,7 +27,7 @@ import attrs
 import pytest
 import trio
 
-from trio_sessions import MemoryBroker, Message, ReceiveMode, SessionManagerOptions
+from trio_sessions import MemoryBroker, Message, ReceiveMode, RetryPolicy, SessionManagerOptions
 from trio_sessions._cli import main
 from trio_sessions._run import (
     Connection,
@@ -81,6 +81,14 @@ async def actor(session):
     async for message in session:
         record(f"actor {session.session_id} {message.text()}")
         print(f"actor {session.session_id} {message.text()}", flush=True)
+
+
+async def flaky(message, context):
+    """Raises on a message's first delivery, handles it on the second."""
+    if message.delivery_count == 0:
+        raise RuntimeError(f"first try of {message.text()}")
+    record(f"done {context.session_id} {message.text()} {message.delivery_count}")
+    print(f"handled {context.session_id} {message.text()}", flush=True)
 
 
 def sync_handler(message, context):
@@ -251,6 +259,61 @@ async def test_second_signal_cancels(workdir: Path, emulator: Emulator) -> None:
     assert broker.dead_letter_messages("q") == []
 
 
+async def test_shutdown_timeout_cancels_slow_handlers(workdir: Path, emulator: Emulator) -> None:
+    """A handler still running when --shutdown-timeout ends is cancelled: a warning, exit 0."""
+    broker = emulator.broker
+    await broker.send("q", Message("slow", session_id="a"))
+    with trio.fail_after(CEILING):
+        async with run_command(
+            workdir,
+            f"{HANDLER_MODULE}:handle",
+            "--queue",
+            "q",
+            "--connection-string",
+            emulator.connection_string,
+            "--shutdown-timeout",
+            "0.2",
+            *FAST,
+        ) as run:
+            await run.out.wait_for("handling a slow")
+            run.signal(signal.SIGTERM)
+            code = await run.exit_code()
+    assert code == 0, run.err.text
+    assert "shutdown_timeout (0.2 s) ended with 1 handler call(s) in flight" in run.err.text
+    assert run.recorded() == ["start a slow"]
+    assert broker.active_message_count("q") == 1
+
+
+async def test_subscription_and_handler_errors(workdir: Path, emulator: Emulator) -> None:
+    """--topic/--subscription reads a subscription; a handler error is logged, then retried."""
+    broker = emulator.broker
+    broker.create_topic("t")
+    broker.create_subscription("t", "s")
+    await broker.send("t", [Message("one", session_id="a"), Message("two", session_id="b")])
+    with trio.fail_after(CEILING):
+        async with run_command(
+            workdir,
+            f"{HANDLER_MODULE}:flaky",
+            "--topic",
+            "t",
+            "--subscription",
+            "s",
+            "--connection-string",
+            emulator.connection_string,
+            *FAST,
+        ) as run:
+            await run.err.wait_for("subscribed to subscription 's' of topic 't'")
+            await run.out.wait_for("handled", count=2)
+            run.signal(signal.SIGINT)
+            code = await run.exit_code()
+    assert code == 0, run.err.text
+    assert sorted(run.recorded()) == ["done a one 1", "done b two 1"]
+    assert broker.active_message_count("t/subscriptions/s") == 0
+    assert "handler raised in session a of t/subscriptions/s" in run.err.text
+    assert "RuntimeError: first try of one" in run.err.text  # with its traceback
+    assert "received 4, completed 2, abandoned 2, errors 2" in run.err.text
+
+
 async def test_wrong_key_is_fatal_with_a_hint(workdir: Path, emulator: Emulator) -> None:
     """A refused key: exit 1 and one line naming the Listen claim; no key is printed."""
     conn_str = emulator.connection_string.replace(emulator.key, "not-the-key")
@@ -396,7 +459,7 @@ BAD_MODULES = {
             f"{HANDLER_MODULE}:missing",
             [],
             f"module '{HANDLER_MODULE}' has no attribute 'missing' "
-            "(its async functions: actor, handle, quick)",
+            "(its async functions: actor, flaky, handle, quick)",
         ),
         (
             f"{HANDLER_MODULE}:sync_handler",
@@ -498,6 +561,36 @@ def test_usage_errors_exit_2(
     assert err.startswith("trio-sessions run: ")
     assert expected in err
     assert "hunter2" not in err
+
+
+def test_every_option_is_a_flag() -> None:
+    """Each SessionManagerOptions field (and RetryPolicy's) is set by its flag."""
+    from trio_sessions._cli import _parser
+    from trio_sessions._run import build_options
+
+    args = _parser().parse_args(
+        ["run", "m:h", "--queue", "q",
+         "--max-concurrent-sessions", "3", "--max-concurrent-calls-per-session", "2",
+         "--session-idle-timeout", "1.5", "--max-auto-lock-renewal-duration", "inf",
+         "--no-auto-complete", "--prefetch-count", "4", "--session-id", "a", "--session-id", "b",
+         "--accept-timeout", "5", "--shutdown-timeout", "7",
+         "--retry-initial-delay", "1", "--retry-max-delay", "9", "--retry-multiplier", "3",
+         "--retry-jitter", "0"]
+    )  # fmt: skip
+    assert build_options(args) == SessionManagerOptions(
+        max_concurrent_sessions=3,
+        max_concurrent_calls_per_session=2,
+        session_idle_timeout=1.5,
+        max_auto_lock_renewal_duration=float("inf"),
+        auto_complete=False,
+        prefetch_count=4,
+        session_ids=("a", "b"),
+        accept_timeout=5.0,
+        shutdown_timeout=7.0,
+        retry=RetryPolicy(initial_delay=1, max_delay=9, multiplier=3, jitter=0),
+    )
+    defaults = _parser().parse_args(["run", "m:h", "--queue", "q"])
+    assert build_options(defaults) == SessionManagerOptions()
 
 
 def test_bad_connection_string_from_the_environment(
