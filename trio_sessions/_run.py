@@ -760,7 +760,7 @@ class Runner:
         else:
             where = "" if context.session_id is None else f" in session {context.session_id}"
             logger.warning(
-                "%s error%s of %s (retried): %s",
+                "%s error%s of %s: %s",
                 context.source.value,
                 where,
                 context.entity_path,
