@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, final
 
 import trio
 import trio_asyncio
+from azure.core.exceptions import ClientAuthenticationError
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusReceiveMode
 from azure.servicebus import exceptions as sdk_errors
 from azure.servicebus.aio import ServiceBusClient
@@ -286,9 +288,15 @@ def _translate_sdk_errors() -> Iterator[None]:
                 raise ours(str(exc)) from exc
         if _SESSIONS_NOT_ENABLED.search(str(exc)):
             raise SessionsNotEnabledError(str(exc)) from exc
+        # A credential that cannot get a token (DefaultAzureCredential with no identity
+        # signed in): the SDK wraps it in a plain "Handler failed" ServiceBusError.
+        if isinstance(getattr(exc, "inner_exception", None), ClientAuthenticationError):
+            raise AuthenticationError(str(exc)) from exc
         raise
     except sdk_errors.MessageAlreadySettled as exc:
         raise MessageAlreadySettledError(str(exc)) from exc
+    except ClientAuthenticationError as exc:
+        raise AuthenticationError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------- bridge
@@ -422,6 +430,7 @@ class AzureServiceBus:
         self._credential = credential
         self._client_kwargs = client_kwargs
         self._conn_str: str | None = None
+        self._owns_credential = False
         self._stack: AsyncExitStack | None = None
         self._loop: Any = None
         self._client: ServiceBusClient | None = None
@@ -443,6 +452,22 @@ class AzureServiceBus:
         parts = parse_connection_string(conn_str)
         self = cls(parts["host"].partition(":")[0], None, **client_kwargs)
         self._conn_str = conn_str
+        return self
+
+    @classmethod
+    def _with_default_credential(cls, namespace: str, **client_kwargs: Any) -> AzureServiceBus:
+        """Sign in with ``azure.identity.aio.DefaultAzureCredential``, closed on exit.
+
+        For ``trio-sessions run --namespace``: the credential is the backend's own, so
+        it is closed in the backend's asyncio loop, after the client.
+
+        Raises:
+            ImportError: the ``identity`` extra (azure-identity) is not installed.
+        """
+        # Imported by name: azure-identity is optional, and mypy may not see it.
+        identity = importlib.import_module("azure.identity.aio")
+        self = cls(namespace, identity.DefaultAzureCredential(), **client_kwargs)
+        self._owns_credential = True
         return self
 
     def __repr__(self) -> str:
@@ -515,6 +540,10 @@ class AzureServiceBus:
             if client is not None:
                 with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
                     await self._call(client.close)
+            close_credential = getattr(self._credential, "close", None)
+            if self._owns_credential and close_credential is not None:
+                with contextlib.suppress(Exception):
+                    await self._call(close_credential)
         self._loop = None
 
     async def _call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
