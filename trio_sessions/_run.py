@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -47,6 +46,7 @@ from ._errors import (
 )
 from ._manager import open_session_manager
 from ._options import ReceiveMode, RetryPolicy, SessionManagerOptions
+from ._redact import redact
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -84,22 +84,8 @@ _RETRY_FLAGS: dict[str, str] = {
     "jitter": "--retry-jitter",
 }
 
-_SECRET = re.compile(
-    r"(?P<name>\b(?:SharedAccessKey|SharedAccessSignature|sig)\s*=\s*)[^;&\s'\"<>()\[\]{},]+",
-    re.IGNORECASE,
-)
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with the values of ``SharedAccessKey=``, ``SharedAccessSignature=`` and
-    ``sig=`` replaced by ``***``.
-
-    >>> mask_secrets("Endpoint=sb://h/;SharedAccessKeyName=k;SharedAccessKey=s3cr3t")
-    'Endpoint=sb://h/;SharedAccessKeyName=k;SharedAccessKey=***'
-    """
-    if "=" not in text:
-        return text
-    return _SECRET.sub(lambda match: match["name"] + "***", text)
+#: One masking for everything this command writes: the library's own.
+mask_secrets = redact
 
 
 class UsageError(Exception):
