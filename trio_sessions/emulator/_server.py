@@ -157,6 +157,8 @@ class _Receiving:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     flow: trio.Event = attrs.field(factory=trio.Event)
     link: Any = None  # the MemorySessionLink, once accepted
+    #: The pump's wait for messages; a drain request cancels it (nothing to send now).
+    waiting: trio.CancelScope | None = None
 
 
 def _header(delivery_count: int) -> bytes:
@@ -307,6 +309,8 @@ class _Connection:
                 receiving = self._receivers.get(event.link.name)
                 if receiving is not None:
                     receiving.flow.set()
+                    if receiving.waiting is not None and event.link.drain_mode:
+                        receiving.waiting.cancel()
             elif kind in (event_type.LINK_REMOTE_CLOSE, event_type.LINK_REMOTE_DETACH):
                 receiving = self._receivers.get(event.link.name)
                 if receiving is not None:
@@ -452,14 +456,44 @@ class _Connection:
                 await self._forget(link, receiving)
 
     async def _pump(self, link: Any, receiving: _Receiving, mode: ReceiveMode) -> None:
-        """Deliver the broker link's messages as fast as the client grants credit."""
+        """Deliver the broker link's messages as fast as the client grants credit.
+
+        A client may ask to drain (the JS SDK does when its wait ends): the messages
+        available now go out, and the credit left is handed back in a flow with drain set
+        (delivery-count advanced, credit 0), which is what the client waits for. proton
+        sends that flow only if some credit is left, so a drain does not spend the last
+        of several credits on a locked message: one the broker handed over beyond that is
+        released to it again, undelivered.
+        """
         while True:
             while link.credit <= 0:
                 receiving.flow = trio.Event()
                 await receiving.flow.wait()
-            for message in await receiving.link.receive(link.credit):
+            if link.drain_mode:
+                messages = await self._available(receiving.link, link.credit)
+            else:
+                messages = []
+                with trio.CancelScope() as receiving.waiting:
+                    messages = await receiving.link.receive(link.credit)
+                receiving.waiting = None
+                if not messages:  # a drain request cancelled the wait
+                    continue
+            if link.drain_mode and mode is ReceiveMode.PEEK_LOCK and link.credit > 1:
+                for message in messages[link.credit - 1 :]:
+                    receiving.link._release(message)
+                messages = messages[: link.credit - 1]
+            for message in messages:
                 self._deliver(link, receiving, message, mode)
+            if link.drain_mode:
+                link.drained()
             self._work.set()
+
+    @staticmethod
+    async def _available(memlink: Any, count: int) -> list[Any]:
+        """Up to ``count`` messages the broker link has now, without waiting for more."""
+        if isinstance(memlink, MemoryReceiver):
+            return await memlink.receive(count, max_wait_time=0)
+        return memlink._receive_now(count)  # type: ignore[no-any-return]
 
     async def _forget(self, link: Any, receiving: _Receiving) -> None:
         """The client's receiver is gone: release what its broker link holds.
