@@ -711,8 +711,9 @@ class _Connection:
 
         A batch (message-format 0x80013700) carries one data section per message, each a
         whole encoded AMQP message. proton's Python binding does not expose a transfer's
-        message-format, so a batch is recognised by that shape: an envelope without
-        application properties whose data sections all decode as AMQP messages.
+        message-format, so a batch is recognised by that shape: an envelope whose data
+        sections all decode as AMQP messages, and whose application properties, if any,
+        are the first message's (the JS SDK copies them; the Python SDK sets none).
         """
         p = self._p
         sections = p.Data()
@@ -720,13 +721,14 @@ class _Connection:
             data = data[sections.decode(data) :]
         sections.rewind()
         messages = []
+        envelope_properties = None
         while sections.next():
             sections.enter()
             sections.next()
             descriptor = sections.get_ulong()
             sections.next()
-            if descriptor == 0x74:  # application-properties: a plain message
-                return None
+            if descriptor == 0x74:  # application-properties
+                envelope_properties = sections.get_object()
             if descriptor == 0x75:
                 payload = bytes(sections.get_binary())
                 if payload[:2] != b"\x00\x53" or payload[2:3] not in _SECTION_CODES:
@@ -738,7 +740,9 @@ class _Connection:
                     return None
                 messages.append(message)
             sections.exit()
-        return messages or None
+        if not messages or envelope_properties not in (None, messages[0].properties):
+            return None
+        return messages
 
     def _condition(self, condition: str, description: str) -> Any:
         """An AMQP error with all three fields: pyamqp indexes them blindly (spec §12.1)."""

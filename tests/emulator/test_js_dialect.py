@@ -1,8 +1,10 @@
-"""Link drain, as the JavaScript SDK (rhea) uses it, driven by a bare proton client.
+"""What the JavaScript SDK (rhea) does on the wire that the Python SDK does not.
 
-The Python SDK never drains, so these tests speak AMQP with proton's engine on a Trio
-socket: grant credit with the drain flag set, and the emulator must send what it has,
-then hand the rest of the credit back in a flow (credit 0, delivery-count advanced).
+The Python SDK never drains a link and sends batches in a different envelope, so these
+tests speak AMQP with proton's engine on a Trio socket. Drain: grant credit with the drain
+flag set, and the emulator must send what it has, then hand the rest of the credit back in
+a flow (credit 0, delivery-count advanced). Batches: the JS SDK copies the first message's
+properties and application properties onto the envelope.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ class Client:
                 assert data, "the emulator closed the connection"
                 self.transport.push(data)
 
+    async def send(self, address: str, payload: bytes) -> Any:
+        """Send one transfer on a new link; return the emulator's outcome."""
+        link = self.session.sender(f"sender-{address}")
+        link.target.address = address
+        link.open()
+        await self.until(lambda: link.credit > 0)
+        delivery = link.delivery(b"1")
+        link.send(payload)
+        link.advance()
+        await self.until(lambda: delivery.remote_state != 0)
+        return delivery.remote_state
+
     async def receiver(self, address: str, session_id: str | None = None) -> Any:
         link = self.session.receiver(f"receiver-{address}")
         link.source.address = address
@@ -143,3 +157,42 @@ async def test_drain_keeps_back_a_credit_for_its_answer(emulator: Emulator, clie
     await client.until(lambda: len(client.received) == 3)
     assert bodies(client.received) == [b"1", b"2", b"3"]
     assert [m.delivery_count for m in client.received] == [0, 0, 0]
+
+
+def data_section(payload: bytes) -> bytes:
+    return b"\x00\x53\x75\xb0" + len(payload).to_bytes(4, "big") + payload
+
+
+def encoded(body: bytes, **fields: Any) -> bytes:
+    message = proton.Message(body=body, **fields)
+    message.inferred = True  # bytes travel as a data section
+    return bytes(message.encode())
+
+
+async def test_a_batch_with_the_first_messages_properties_on_its_envelope(
+    emulator: Emulator, client: Client
+) -> None:
+    """The JS SDK's batch envelope repeats the first message's properties and application
+    properties; the emulator still enqueues each message of the batch."""
+    first = {"id": "m-1", "group_id": "s", "properties": {"n": proton.int32(1)}}
+    envelope = proton.Message(**first).encode()  # header, properties, application-properties
+    batch = bytes(envelope) + data_section(encoded(b"one", **first))
+    batch += data_section(encoded(b"two", id="m-2", group_id="s"))
+    assert await client.send("q", batch) == proton.Delivery.ACCEPTED
+    messages = emulator.broker.active_messages("q")
+    assert [(m.body, m.message_id, m.application_properties) for m in messages] == [
+        (b"one", "m-1", {"n": 1}),
+        (b"two", "m-2", {}),
+    ]
+
+
+async def test_a_message_with_other_properties_than_its_body_is_not_a_batch(
+    emulator: Emulator, client: Client
+) -> None:
+    """A plain message whose body happens to be an encoded message stays one message when
+    its application properties differ from the inner message's."""
+    inner = encoded(b"inner", id="inner", group_id="s")
+    outer = bytes(proton.Message(id="outer", group_id="s", properties={"k": "v"}).encode())
+    assert await client.send("q", outer + data_section(inner)) == proton.Delivery.ACCEPTED
+    [message] = emulator.broker.active_messages("q")
+    assert (message.body, message.message_id) == (inner, "outer")
