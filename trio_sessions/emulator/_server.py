@@ -104,6 +104,14 @@ def _event_kinds() -> types.SimpleNamespace:
     )
 
 
+def _accept(delivery: Any) -> None:
+    """``delivery.update(ACCEPTED)``, without proton's copying of the local disposition's
+    data, annotations and condition first (an accepted outcome has none): the emulator
+    accepts every message sent and echoes most settlements so."""
+    c = _cproton()
+    c.pn_delivery_update(delivery._impl, c.PN_ACCEPTED)
+
+
 class _Event:
     """A proton event seen through the C API, wrapping only what a handler asks for.
 
@@ -340,9 +348,10 @@ class _Connection:
                 continue
             deadline = transport.tick(time.monotonic())
             self._work = trio.Event()
-            with trio.move_on_at(
-                trio.current_time() + (deadline - time.monotonic() if deadline else 30)
-            ):
+            if not deadline:  # no heartbeat or idle time-out to keep: wait without a timer
+                await self._work.wait()
+                continue
+            with trio.move_on_at(trio.current_time() + (deadline - time.monotonic())):
                 await self._work.wait()
 
     # -- events --------------------------------------------------------------------------
@@ -644,7 +653,11 @@ class _Connection:
         except MessageAlreadySettledError as exc:
             delivery.local.condition = self._condition("com.microsoft:message-lock-lost", str(exc))
             state = p.Delivery.REJECTED
-        if not delivery.settled:  # settled by the client (released): no echo wanted
+        if delivery.settled:  # settled by the client (released): no echo wanted
+            pass
+        elif state == p.Delivery.ACCEPTED:
+            _accept(delivery)
+        else:
             delivery.update(state)
         delivery.settle()
         self._work.set()
@@ -730,7 +743,11 @@ class _Connection:
             return
         data = link.recv(delivery.pending)
         link.advance()
-        address = link.target.address
+        # kept on the link (proton keeps attributes on the native object): reading it anew
+        # builds a Terminus wrapper per message
+        address = getattr(link, "target_address", None)
+        if address is None:
+            address = link.target_address = link.target.address
         message = self._p.Message()
         message.decode(data)
         if address == "$cbs":
@@ -757,7 +774,7 @@ class _Connection:
                 )
                 delivery.update(self._p.Delivery.REJECTED)
             else:
-                delivery.update(self._p.Delivery.ACCEPTED)
+                _accept(delivery)
         delivery.settle()
         if link.credit < CREDIT // 2:
             link.flow(CREDIT - link.credit)
