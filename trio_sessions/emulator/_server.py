@@ -125,10 +125,6 @@ class _Event:
         self._impl = impl
 
     @property
-    def type(self) -> int:
-        return _cproton().pn_event_type(self._impl)  # type: ignore[no-any-return]
-
-    @property
     def delivery(self) -> Any:
         return _proton().Delivery.wrap(_cproton().pn_event_delivery(self._impl))
 
@@ -361,8 +357,11 @@ class _Connection:
         c = _cproton()
         collector = self._collector._impl
         while not c.isnull(impl := c.pn_collector_peek(collector)):
+            kind = c.pn_event_type(impl)
+            if kind == event_type.TRANSPORT:  # output pending: the commonest, nothing to do
+                c.pn_collector_pop(collector)
+                continue
             event = _Event(impl)
-            kind = event.type
             if kind == event_type.CONNECTION_REMOTE_OPEN:
                 self._connection.container = "trio-sessions-emulator"
                 self._connection.open()
