@@ -235,21 +235,6 @@ def _header(delivery_count: int) -> bytes:
     )
 
 
-def _without_header(encoded: bytes | bytearray) -> bytes:
-    """An encoded message minus the header section proton always writes first."""
-    data = bytes(encoded)
-    if data[:3] != b"\x00\x53\x70":
-        return data
-    constructor = data[3]
-    if constructor == 0x45:  # list0
-        return data[4:]
-    if constructor == 0xC0:  # list8: size byte
-        return data[5 + data[4] :]
-    if constructor == 0xD0:  # list32: size word
-        return data[8 + int.from_bytes(data[4:8], "big") :]
-    raise ValueError(f"unexpected header encoding 0x{constructor:02x}")
-
-
 def _ticks(moment: dt.datetime) -> int:
     return TICKS_AT_EPOCH + round(moment.timestamp() * 10_000_000)
 
