@@ -142,11 +142,16 @@ async def test_drain_ends_a_wait_and_the_link_keeps_working(
     assert bodies(client.received) == [b"late"]
 
 
-async def test_drain_keeps_back_a_credit_for_its_answer(emulator: Emulator, client: Client) -> None:
+@pytest.mark.parametrize(("queue", "session_id"), [("q", "s"), ("plain", None)])
+async def test_drain_keeps_back_a_credit_for_its_answer(
+    emulator: Emulator, client: Client, queue: str, session_id: str | None
+) -> None:
     """Drain with 2 credits and 3 messages: one message and a flow returning 1 credit (a
     flow is proton's only drain answer); the other two stay, undelivered, for later."""
-    await emulator.broker.send("q", [Message(b, session_id="s") for b in (b"1", b"2", b"3")])
-    link = await client.receiver("q", "s")
+    await emulator.broker.send(
+        queue, [Message(b, session_id=session_id) for b in (b"1", b"2", b"3")]
+    )
+    link = await client.receiver(queue, session_id)
     link.drain(2)
     await client.until(lambda: link.credit == 0)
     assert bodies(client.received) == [b"1"]
