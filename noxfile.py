@@ -151,7 +151,7 @@ def bench(session: nox.Session) -> None:
     scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
     if not scripts:
         session.skip("no benchmarks yet (benchmarks/bench_*.py)")
-    session.install(".")
+    session.install(".[emulator]")  # bench_emulator.py runs the emulator
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 

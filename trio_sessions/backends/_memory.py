@@ -1039,6 +1039,13 @@ class MemorySessionLink:
             with trio.move_on_at(min(session.locked_until, self._entity.next_due())):
                 await session.arrived.wait()
 
+    def _receive_now(self, max_count: int) -> list[ReceivedMessage]:
+        """The messages available now, up to ``max_count``, without waiting (the emulator
+        answers a client's drain request with them)."""
+        self._broker._inject("receive")
+        self._check()
+        return self._take(max_count)
+
     def _take(self, max_count: int) -> list[ReceivedMessage]:
         broker = self._broker
         session = self._session

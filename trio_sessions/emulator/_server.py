@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
+import importlib
 import math
 import secrets
 import time
+import types
 import urllib.parse
 import uuid
 from collections import deque
@@ -42,6 +45,7 @@ from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Messag
 from .._options import ReceiveMode
 from .._redact import library_logger
 from ..backends._memory import MemoryReceiver
+from . import _codec
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -90,8 +94,11 @@ LINGER = 2.0
 AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 #: First-section descriptor codes of an encoded AMQP message (header .. footer).
 _SECTION_CODES = frozenset(bytes([code]) for code in range(0x70, 0x79))
+#: How an encoded AMQP message starts: a described section with one of those codes.
+_BATCH_BODY_STARTS = frozenset(b"\x00\x53" + code for code in _SECTION_CODES)
 
 
+@functools.cache
 def _proton() -> Any:
     try:
         import proton
@@ -100,6 +107,59 @@ def _proton() -> Any:
             'the emulator needs python-qpid-proton: pip install "trio-sessions[emulator]"'
         ) from exc
     return proton
+
+
+@functools.cache
+def _cproton() -> Any:
+    """proton's C API (python-qpid-proton's ``cproton`` module, 0.39 and later)."""
+    _proton()
+    return importlib.import_module("cproton")
+
+
+@functools.cache
+def _event_kinds() -> types.SimpleNamespace:
+    """proton's event types by name (``DELIVERY``, ...), as the numbers the C API reports."""
+    proton = _proton()
+    return types.SimpleNamespace(
+        **{
+            name: kind.number
+            for name, kind in vars(proton.Event).items()
+            if isinstance(kind, proton.EventType)
+        }
+    )
+
+
+def _accept(delivery: Any) -> None:
+    """``delivery.update(ACCEPTED)``, without proton's copying of the local disposition's
+    data, annotations and condition first (an accepted outcome has none): the emulator
+    accepts every message sent and echoes most settlements so."""
+    c = _cproton()
+    c.pn_delivery_update(delivery._impl, c.PN_ACCEPTED)
+
+
+class _Event:
+    """A proton event seen through the C API, wrapping only what a handler asks for.
+
+    proton's own ``Event`` builds wrappers for the delivery, link, session, connection and
+    transport of every event, a good part of the emulator's time per message.
+    """
+
+    __slots__ = ("_impl",)
+
+    def __init__(self, impl: Any) -> None:
+        self._impl = impl
+
+    @property
+    def delivery(self) -> Any:
+        return _proton().Delivery.wrap(_cproton().pn_event_delivery(self._impl))
+
+    @property
+    def link(self) -> Any:
+        return _proton().Link.wrap(_cproton().pn_event_link(self._impl))
+
+    @property
+    def session(self) -> Any:
+        return _proton().Session.wrap(_cproton().pn_event_session(self._impl))
 
 
 def sas_token_valid(token: str, *, audience: str, keys: dict[str, str], now: float) -> str | None:
@@ -246,6 +306,8 @@ class _Receiving:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     flow: trio.Event = attrs.field(factory=trio.Event)
     link: Any = None  # the MemorySessionLink, once accepted
+    #: The pump's wait for messages; a drain request cancels it (nothing to send now).
+    waiting: trio.CancelScope | None = None
 
 
 def _header(delivery_count: int, ttl_ms: int | None = None) -> bytes:
@@ -310,21 +372,6 @@ def _to_amqp(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return proton.timestamp(round(value.timestamp() * 1000))
     return value
-
-
-def _without_header(encoded: bytes | bytearray) -> bytes:
-    """An encoded message minus the header section proton always writes first."""
-    data = bytes(encoded)
-    if data[:3] != b"\x00\x53\x70":
-        return data
-    constructor = data[3]
-    if constructor == 0x45:  # list0
-        return data[4:]
-    if constructor == 0xC0:  # list8: size byte
-        return data[5 + data[4] :]
-    if constructor == 0xD0:  # list32: size word
-        return data[8 + int.from_bytes(data[4:8], "big") :]
-    raise ValueError(f"unexpected header encoding 0x{constructor:02x}")
 
 
 def _ticks(moment: dt.datetime) -> int:
@@ -490,6 +537,9 @@ class _Connection:
             if outbox:
                 wake = min(wake, outbox[0][0])
             self._work = trio.Event()
+            if wake == math.inf:  # no heartbeat, time-out or delayed reply due: no timer
+                await self._work.wait()
+                continue
             with trio.move_on_at(wake):
                 await self._work.wait()
 
@@ -523,9 +573,15 @@ class _Connection:
     # -- events --------------------------------------------------------------------------
 
     def _handle_events(self) -> None:
-        event_type = self._p.Event
-        while (event := self._collector.peek()) is not None:
-            kind = event.type
+        event_type = _event_kinds()
+        c = _cproton()
+        collector = self._collector._impl
+        while not c.isnull(impl := c.pn_collector_peek(collector)):
+            kind = c.pn_event_type(impl)
+            if kind == event_type.TRANSPORT:  # output pending: the commonest, nothing to do
+                c.pn_collector_pop(collector)
+                continue
+            event = _Event(impl)
             if kind == event_type.CONNECTION_REMOTE_OPEN:
                 self._connection.container = "trio-sessions-emulator"
                 self._connection.open()
@@ -542,6 +598,8 @@ class _Connection:
                 receiving = self._receivers.get(event.link.name)
                 if receiving is not None:
                     receiving.flow.set()
+                    if receiving.waiting is not None and event.link.drain_mode:
+                        receiving.waiting.cancel()
             elif kind in (event_type.LINK_REMOTE_CLOSE, event_type.LINK_REMOTE_DETACH):
                 receiving = self._receivers.get(event.link.name)
                 if receiving is not None:
@@ -553,7 +611,7 @@ class _Connection:
                 self._connection.close()
             elif kind == event_type.TRANSPORT_TAIL_CLOSED:
                 self._on_input_closed()
-            self._collector.pop()
+            c.pn_collector_pop(collector)
 
     def _on_input_closed(self) -> None:
         """proton stops reading at a frame it cannot decode, silently: say so and close.
@@ -712,15 +770,46 @@ class _Connection:
                 await self._forget(link, receiving)
 
     async def _pump(self, link: Any, receiving: _Receiving, mode: ReceiveMode) -> None:
-        """Deliver the broker link's messages as fast as the client grants credit."""
+        """Deliver the broker link's messages as fast as the client grants credit.
+
+        A client may ask to drain (the JS SDK does when its wait ends): the messages
+        available now go out, and the credit left is handed back in a flow with drain set
+        (delivery-count advanced, credit 0), which is what the client waits for. proton
+        sends that flow only if some credit is left, so a drain does not spend the last
+        of several credits on a locked message: one the broker handed over beyond that is
+        released to it again, undelivered.
+        """
         while True:
             while link.credit <= 0:
                 receiving.flow = trio.Event()
                 await receiving.flow.wait()
             await self._output_room()
-            for message in await receiving.link.receive(min(link.credit, DELIVERY_BATCH)):
+            batch = min(link.credit, DELIVERY_BATCH)
+            if link.drain_mode:
+                messages = await self._available(receiving.link, batch)
+            else:
+                messages = []
+                with trio.CancelScope() as receiving.waiting:
+                    messages = await receiving.link.receive(batch)
+                receiving.waiting = None
+                if not messages:  # a drain request cancelled the wait
+                    continue
+            if link.drain_mode and mode is ReceiveMode.PEEK_LOCK and link.credit > 1:
+                for message in messages[link.credit - 1 :]:
+                    receiving.link._release(message)
+                messages = messages[: link.credit - 1]
+            for message in messages:
                 self._deliver(link, receiving, message, mode)
+            if link.drain_mode and len(messages) < batch:  # all there is went out
+                link.drained()
             self._work.set()
+
+    @staticmethod
+    async def _available(memlink: Any, count: int) -> list[Any]:
+        """Up to ``count`` messages the broker link has now, without waiting for more."""
+        if isinstance(memlink, MemoryReceiver):
+            return await memlink.receive(count, max_wait_time=0)
+        return memlink._receive_now(count)  # type: ignore[no-any-return]
 
     async def _forget(self, link: Any, receiving: _Receiving) -> None:
         """The client's receiver is gone: release what its broker link holds.
@@ -738,41 +827,35 @@ class _Connection:
         ``state`` is Service Bus's message state: 0 active, 1 deferred, 2 scheduled.
         """
         p = self._p
-        properties = message.application_properties
-        out = p.Message(
-            id=message.message_id,
-            group_id=message.session_id,
-            content_type=message.content_type,
-            correlation_id=message.correlation_id,
-            subject=message.subject,
-            address=message.to,
-            reply_to=message.reply_to,
-            reply_to_group_id=message.reply_to_session_id,
-            properties={k: _to_amqp(v) for k, v in properties.items()} if properties else None,
-            body=message.body,
-        )
-        out.inferred = True  # a bytes body travels as a data section, as the SDK sent it
         annotations = {
-            p.symbol("x-opt-sequence-number"): message.sequence_number,  # int encodes as long
-            p.symbol("x-opt-enqueued-time"): p.timestamp(message.enqueued_time.timestamp() * 1000),
+            "x-opt-sequence-number": message.sequence_number,  # int encodes as long
+            "x-opt-enqueued-time": p.timestamp(message.enqueued_time.timestamp() * 1000),
         }
         if message.locked_until is not None:
-            annotations[p.symbol("x-opt-locked-until")] = p.timestamp(
-                message.locked_until.timestamp() * 1000
-            )
+            annotations["x-opt-locked-until"] = p.timestamp(message.locked_until.timestamp() * 1000)
         if message.scheduled_enqueue_time is not None:
-            annotations[p.symbol("x-opt-scheduled-enqueue-time")] = p.timestamp(
+            annotations["x-opt-scheduled-enqueue-time"] = p.timestamp(
                 round(message.scheduled_enqueue_time.timestamp() * 1000)
             )
         if message.partition_key is not None:
-            annotations[p.symbol("x-opt-partition-key")] = message.partition_key
+            annotations["x-opt-partition-key"] = message.partition_key
         if state:
-            annotations[p.symbol("x-opt-message-state")] = p.int32(state)
-        out.annotations = annotations
+            annotations["x-opt-message-state"] = p.int32(state)
+        content_type = message.content_type
+        fields = [message.message_id, None, message.to, message.subject, message.reply_to]
+        fields += [message.correlation_id, None if content_type is None else p.symbol(content_type)]
+        fields += [None, None, None, message.session_id, None, message.reply_to_session_id]
+        properties = message.application_properties
         ttl = message.time_to_live
-        return _header(
-            message.delivery_count, None if ttl is None else round(ttl * 1000)
-        ) + _without_header(out.encode())
+        return (
+            _header(message.delivery_count, None if ttl is None else round(ttl * 1000))
+            + _codec.message_annotations(annotations)
+            + _codec.properties(fields)  # ..., group-id, group-sequence, reply-to-group-id
+            + _codec.application_properties(
+                {k: _to_amqp(v) for k, v in properties.items()} if properties else {}
+            )
+            + _codec.data(message.body)  # a bytes body travels as a data section
+        )
 
     def _deliver(self, link: Any, receiving: _Receiving, message: Any, mode: ReceiveMode) -> None:
         """Send one broker message on a receiver link, tagged with its lock token (spec §6)."""
@@ -791,10 +874,11 @@ class _Connection:
             # wrappers keep attributes on the native object, so the message rides along.
             delivery.received_message = message
 
-    def _on_settlement(self, delivery: Any) -> None:
-        """A client settled a message it received: apply it, then echo the outcome (spec §8)."""
+    def _on_settlement(self, delivery: Any, link: Any) -> None:
+        """A client settled a message it received on ``link``: apply it, then echo the
+        outcome (spec §8)."""
         p = self._p
-        receiving = self._receivers.get(delivery.link.name)
+        receiving = self._receivers.get(link.name)
         message = getattr(delivery, "received_message", None)
         if receiving is None or message is None or receiving.link is None:
             if not delivery.link.state & p.Endpoint.LOCAL_CLOSED:
@@ -840,7 +924,11 @@ class _Connection:
         except (MessageAlreadySettledError, MessageLockLostError) as exc:
             delivery.local.condition = self._condition("com.microsoft:message-lock-lost", str(exc))
             state = p.Delivery.REJECTED
-        if not delivery.settled:  # settled by the client (released): no echo wanted
+        if delivery.settled:  # settled by the client (released): no echo wanted
+            pass
+        elif state == p.Delivery.ACCEPTED:
+            _accept(delivery)
+        else:
             delivery.update(state)
         delivery.settle()
         self._work.set()
@@ -973,29 +1061,32 @@ class _Connection:
         link = delivery.link
         if link.is_sender:
             if delivery.updated and delivery.remote_state:
-                self._on_settlement(delivery)
+                self._on_settlement(delivery, link)
             return
         if not delivery.readable or delivery.partial:
             return
         data = link.recv(delivery.pending)
         link.advance()
-        if link.target.address == "$cbs":
-            message = self._p.Message()
-            message.decode(data)
+        # kept on the link (proton keeps attributes on the native object): reading it anew
+        # builds a Terminus wrapper per message
+        address = getattr(link, "target_address", None)
+        if address is None:
+            address = link.target_address = link.target.address
+        message = self._p.Message()
+        message.decode(data)
+        if address == "$cbs":
             self._on_put_token(link, message)
             delivery.update(self._p.Delivery.ACCEPTED)
-        elif link.target.address.endswith("$management"):
-            message = self._p.Message()
-            message.decode(data)
+        elif address.endswith("$management"):
             self._on_management(link, message)
             delivery.update(self._p.Delivery.ACCEPTED)
         else:
-            entity = entity_from_address(link.target.address)
-            messages = self._decode_batch(data)
-            if messages is None:
-                message = self._p.Message()
-                message.decode(data)
-                messages = [message]
+            entity = entity_from_address(address)
+            messages = [message]
+            body = message.body
+            # proton reads a batch's first data section as the body: only then look closer
+            if isinstance(body, bytes | memoryview) and bytes(body[:3]) in _BATCH_BODY_STARTS:
+                messages = self._decode_batch(data) or messages
             try:
                 self._emulator.broker._send_now(entity, [self._to_message(m) for m in messages])
             except (ValueError, TypeError, EntityNotFoundError) as exc:
@@ -1007,7 +1098,7 @@ class _Connection:
                 )
                 delivery.update(self._p.Delivery.REJECTED)
             else:
-                delivery.update(self._p.Delivery.ACCEPTED)
+                _accept(delivery)
         delivery.settle()
         if link.credit < CREDIT // 2:
             link.flow(CREDIT - link.credit)
@@ -1017,8 +1108,9 @@ class _Connection:
 
         A batch (message-format 0x80013700) carries one data section per message, each a
         whole encoded AMQP message. proton's Python binding does not expose a transfer's
-        message-format, so a batch is recognised by that shape: an envelope without
-        application properties whose data sections all decode as AMQP messages.
+        message-format, so a batch is recognised by that shape: an envelope whose data
+        sections all decode as AMQP messages, and whose application properties, if any,
+        are the first message's (the JS SDK copies them; the Python SDK sets none).
         """
         p = self._p
         sections = p.Data()
@@ -1026,13 +1118,14 @@ class _Connection:
             data = data[sections.decode(data) :]
         sections.rewind()
         messages = []
+        envelope_properties = None
         while sections.next():
             sections.enter()
             sections.next()
             descriptor = sections.get_ulong()
             sections.next()
-            if descriptor == 0x74:  # application-properties: a plain message
-                return None
+            if descriptor == 0x74:  # application-properties
+                envelope_properties = sections.get_object()
             if descriptor == 0x75:
                 payload = bytes(sections.get_binary())
                 if payload[:2] != b"\x00\x53" or payload[2:3] not in _SECTION_CODES:
@@ -1044,7 +1137,9 @@ class _Connection:
                     return None
                 messages.append(message)
             sections.exit()
-        return messages or None
+        if not messages or envelope_properties not in (None, messages[0].properties):
+            return None
+        return messages
 
     def _condition(self, condition: str, description: str) -> Any:
         """An AMQP error with all three fields: pyamqp indexes them blindly (spec §12.1)."""
