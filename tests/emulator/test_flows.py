@@ -74,7 +74,14 @@ async def enter(stack: AsyncExitStack, manager: Any) -> Any:
 async def run(flow: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
     """Run an SDK flow in a worker thread's own asyncio loop."""
     with trio.fail_after(60):
-        return await trio.to_thread.run_sync(lambda: asyncio.run(flow(*args)))
+        return await trio.to_thread.run_sync(run_plain_asyncio, flow(*args))
+
+
+def run_plain_asyncio(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run in a plain asyncio loop, not trio-asyncio's (which asyncio.run gives once
+    trio_asyncio is imported, as the Azure backend does)."""
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(coroutine)
 
 
 async def open_client(stack: AsyncExitStack, sdk: type[Any], emulator: Emulator) -> Any:
