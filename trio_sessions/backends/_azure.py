@@ -340,11 +340,17 @@ class _Call(Generic[T]):
             await self._wake.wait()
         except trio.Cancelled:
             await self._stop()  # noqa: ASYNC102 - _stop shields itself, with a deadline
-            if not self._task.cancelled():
+            if self._task.done() and not self._task.cancelled():
                 self._task.exception()  # retrieved: asyncio must not log it as never retrieved
             raise
         if not self._task.done():
             await self._stop()
+            if not self._task.done():
+                # Still running after CLOSE_TIMEOUT of cancellations: the receiver cannot
+                # be used safely any more, so its session ends as after a lost connection.
+                raise ServiceBusConnectionError(
+                    f"an SDK call did not stop within {CLOSE_TIMEOUT} s of being cancelled"
+                )
         if self._task.cancelled():
             raise _Preempted
         return self._task.result()
