@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,7 +34,7 @@ from trio_sessions import (
     open_session_manager,
 )
 from trio_sessions._messages import EntityPath
-from trio_sessions.backends._azure import parse_connection_string
+from trio_sessions.backends._azure import _body_bytes, _property_value, parse_connection_string
 from trio_sessions.emulator import Emulator, serve_emulator
 
 Q = "q"
@@ -117,6 +118,32 @@ async def test_not_open() -> None:
         await backend.send(Q, Message("x", session_id="s"))
     with pytest.raises(RuntimeError, match="async with"):
         await backend.accept_session(EntityPath(Q))
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"x", b"x"),
+        ("\u00e9", "\u00e9".encode()),
+        (None, b""),
+        (iter([b"a", bytearray(b"b")]), b"ab"),  # data sections, as the SDK yields them
+        (7, b"7"),  # an AMQP value body
+        ([1, 2], b"[1, 2]"),  # an AMQP sequence body
+    ],
+)
+def test_bodies_become_bytes(body: object, expected: bytes) -> None:
+    """Data, value and sequence bodies all reach handlers as bytes."""
+    assert _body_bytes(types.SimpleNamespace(body=body)) == expected
+
+
+def test_property_values() -> None:
+    """pyamqp's bytes strings come back as str; binary that is not text stays bytes."""
+    assert _property_value(b"edit") == "edit"
+    assert _property_value(b"\xff\x00") == b"\xff\x00"
+    assert _property_value(3) == 3
 
 
 # -------------------------------------------------------------------------------- the loop

@@ -169,12 +169,8 @@ def parse_connection_string(conn_str: object) -> dict[str, str]:
 # --------------------------------------------------------------------------- conversions
 
 
-def _trio_time(moment: dt.datetime | None) -> float:
-    """A UTC datetime from the SDK as a Trio-clock time."""
-    if moment is None:
-        return trio.current_time()
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
+def _trio_time(moment: dt.datetime) -> float:
+    """An aware UTC datetime from the SDK as a Trio-clock time."""
     return trio.current_time() + (moment - dt.datetime.now(dt.UTC)).total_seconds()
 
 
