@@ -110,6 +110,11 @@ class SessionActor:
         self._options = options
         self._peek_lock = hooks.receive_mode is ReceiveMode.PEEK_LOCK
         self._auto_complete = options.auto_complete and self._peek_lock
+        # One task receives and runs handlers (inline calls, or the actor form): it settles
+        # its own auto-settlements directly (see _auto_settle).
+        self._settle_inline = (
+            hooks.process_session is not None or options.max_concurrent_calls_per_session == 1
+        )
         self.context = SessionContext(self)
         self.done = trio.Event()
         now = trio.current_time()
@@ -260,7 +265,6 @@ class SessionActor:
                 await self._execute(batch)
 
     async def _execute(self, batch: list[_Request]) -> None:
-        counters = self._hooks.counters
         i = 0
         while i < len(batch):
             request = batch[i]
@@ -276,21 +280,11 @@ class SessionActor:
                     for r in group:
                         r.resolve(error=exc)
                     raise
-                for r, settlement, error in zip(group, settlements, results, strict=True):
-                    if error is None:
-                        if isinstance(settlement, Complete):
-                            counters.messages_completed += 1
-                        elif isinstance(settlement, Abandon):
-                            counters.messages_abandoned += 1
-                        elif isinstance(settlement, DeadLetter):
-                            counters.messages_dead_lettered += 1
-                        else:
-                            counters.messages_deferred += 1
+                for r, error in zip(group, results, strict=True):
                     r.resolve(error=error)
-                    # After resolving: the waiting caller wakes with the error itself, and
-                    # the lock scope's cancellation reaches it at its next checkpoint.
-                    if isinstance(error, SessionLockLostError):
-                        self._note_lock_lost(error, _settle_source(settlement))
+                # After resolving: the waiting caller wakes with the error itself, and
+                # the lock scope's cancellation reaches it at its next checkpoint.
+                self._count_settled(settlements, results)
                 i = j
                 continue
             source = ErrorSource.SESSION_STATE
@@ -312,6 +306,24 @@ class SessionActor:
                 if isinstance(exc, SessionLockLostError):
                     self._note_lock_lost(exc, source)
             i += 1
+
+    def _count_settled(
+        self, settlements: Sequence[Settlement], results: Sequence[BaseException | None]
+    ) -> None:
+        """Count what the backend settled; note a lost lock found by a settlement."""
+        counters = self._hooks.counters
+        for settlement, error in zip(settlements, results, strict=True):
+            if error is None:
+                if isinstance(settlement, Complete):
+                    counters.messages_completed += 1
+                elif isinstance(settlement, Abandon):
+                    counters.messages_abandoned += 1
+                elif isinstance(settlement, DeadLetter):
+                    counters.messages_dead_lettered += 1
+                else:
+                    counters.messages_deferred += 1
+            elif isinstance(error, SessionLockLostError):
+                self._note_lock_lost(error, _settle_source(settlement))
 
     async def _on_lock_timer(self) -> None:
         if not self._timer_renews:
@@ -502,12 +514,24 @@ class SessionActor:
         token = message.lock_token or ""
         if self._open.pop(token, None) is None:
             return
-        try:
-            await self._request("settle", settlement)
-        except SessionLockLostError:
-            await trio.sleep_forever()  # noted by the service task; the lock scope is cancelled
-        except Exception as exc:
-            await self._hooks.report(exc, _settle_source(settlement), self.session_id, False)
+        error: BaseException | None
+        if self._settle_inline:
+            # The task that receives settles too: no command, no hop to the service task,
+            # no event to wait on (issue #8); the link sees one caller at a time as before.
+            (error,) = await self._link.settle([settlement])
+            self._count_settled([settlement], [error])
+        else:
+            # Several workers: the service task serialises their settlements, in batches.
+            try:
+                await self._request("settle", settlement)
+            except Exception as exc:
+                error = exc
+            else:
+                error = None
+        if isinstance(error, SessionLockLostError):
+            await trio.sleep_forever()  # noted; the lock scope is cancelled
+        elif error is not None:
+            await self._hooks.report(error, _settle_source(settlement), self.session_id, False)
 
     async def _handle(self, message: ReceivedMessage) -> None:
         callback = self._hooks.process_message
