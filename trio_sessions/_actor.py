@@ -67,6 +67,13 @@ def _settle_source(settlement: Settlement) -> ErrorSource:
     return _SETTLE_SOURCES.get(type(settlement), ErrorSource.DEFER)
 
 
+class _Retry:
+    """What `SessionActor._receive_once` returns for a receive to try again."""
+
+
+_RETRY = _Retry()
+
+
 class _Request:
     """A command for the service task, with room for its outcome."""
 
@@ -124,6 +131,7 @@ class SessionActor:
         self._lock_scope = trio.CancelScope(deadline=link.locked_until)
         self._grace_scope = trio.CancelScope()
         self._receive_scope: trio.CancelScope | None = None
+        self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
             link.locked_until, self._lock_duration, self._give_up_renewing_at
         )
@@ -446,10 +454,24 @@ class SessionActor:
         if hooks.process_session is not None:
             await self._run_session(hooks.process_session)
         elif self._options.max_concurrent_calls_per_session == 1:
-            while (message := await self._next_message()) is not None:
-                await self._handle(message)
+            await self._run_inline()
         else:
             await self._run_concurrent()
+
+    async def _run_inline(self) -> None:
+        """Receive and handle one message at a time, in this task.
+
+        One cancel scope serves as the idle clock of every wait (issue #8: a scope per
+        message was a main cost): `_receive` moves its deadline from infinity to the idle
+        deadline around each wait and back, so handler time never counts as idle.
+        """
+        with trio.CancelScope(deadline=math.inf) as idle:
+            self._idle_scope = idle
+            try:
+                while (message := await self._next_message()) is not None:
+                    await self._handle(message)
+            finally:
+                self._idle_scope = None
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -464,33 +486,54 @@ class SessionActor:
         """Receive up to ``max_count`` messages; None when idle or released.
 
         The idle clock runs only when ``idle`` (nothing in flight or buffered); transient
-        errors are reported and retried with backoff, within the same scope.
+        errors are reported and retried with backoff, each attempt with a fresh idle
+        deadline. In the inline loop the idle clock is the loop's own scope (see
+        `_run_inline`), which raises `trio.Cancelled` out of here when it fires.
         """
         while not self._draining:
             timeout = self._options.session_idle_timeout if idle else math.inf
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                self._receive_scope = scope
+            deadline = trio.current_time() + timeout
+            held = self._idle_scope
+            if held is not None:
+                held.deadline = deadline
+                self._receive_scope = held
                 try:
-                    batch = await self._link.receive(max_count)
-                except SessionLockLostError as exc:
-                    await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
-                except TRANSIENT_ERRORS as exc:
-                    await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    await trio.sleep(self._options.retry.delay(self._receive_attempt))
-                    self._receive_attempt += 1
-                    continue
-                except Exception as exc:
-                    # Not retryable: report it and give the session back.
-                    await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    self.release()
+                    outcome = await self._receive_once(max_count)
+                finally:
+                    self._receive_scope = None
+                    held.deadline = math.inf
+            else:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._receive_scope = scope
+                    try:
+                        outcome = await self._receive_once(max_count)
+                    finally:
+                        self._receive_scope = None
+                if scope.cancelled_caught:
                     return None
-                self._receive_attempt = 0
-                self._received(batch)
-                return batch
-            self._receive_scope = None
-            if scope.cancelled_caught:
-                return None
+            if not isinstance(outcome, _Retry):
+                return outcome
         return None
+
+    async def _receive_once(self, max_count: int) -> list[ReceivedMessage] | _Retry | None:
+        """One receive: a batch, None (failed: the session is released), or `_RETRY`."""
+        try:
+            batch = await self._link.receive(max_count)
+        except SessionLockLostError as exc:
+            await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
+        except TRANSIENT_ERRORS as exc:
+            await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+            await trio.sleep(self._options.retry.delay(self._receive_attempt))
+            self._receive_attempt += 1
+            return _RETRY
+        except Exception as exc:
+            # Not retryable: report it and give the session back.
+            await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+            self.release()
+            return None
+        self._receive_attempt = 0
+        self._received(batch)
+        return batch
 
     async def _next_message(self) -> ReceivedMessage | None:
         """The next message for the inline handler or the actor form; None ends the session."""
