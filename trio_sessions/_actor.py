@@ -105,6 +105,10 @@ class ActorHooks:
     process_session: SessionHandler | None = None
     session_initializing: SessionHandler | None = None
     session_closing: SessionHandler | None = None
+    #: Calls ``actor.lock_timer_due()`` at a Trio-clock time, from a task shared by all
+    #: actors (the manager's): it lets an actor start its service task only when one is
+    #: needed. None: every actor starts its service task at once.
+    schedule_lock_timer: Callable[[SessionActor, float], None] | None = None
 
 
 class SessionActor:
@@ -136,6 +140,8 @@ class SessionActor:
             link.locked_until, self._lock_duration, self._give_up_renewing_at
         )
         self._renew_attempt = 0
+        self._nursery: trio.Nursery | None = None
+        self._service_started = False
         capacity = options.max_concurrent_calls_per_session + options.prefetch_count
         self._requests_tx, self._requests_rx = trio.open_memory_channel[_Request](capacity + 64)
         self._open: dict[str, ReceivedMessage] = {}
@@ -235,12 +241,32 @@ class SessionActor:
 
     # -- commands ------------------------------------------------------------------------
 
-    async def _request(self, kind: str, payload: Any = None) -> Any:
-        request = _Request(kind, payload)
+    def lock_timer_due(self) -> None:
+        """The first lock timer is due (called by the manager's timer task)."""
+        self._start_service()
+
+    def _start_service(self) -> None:
+        """Start the service task unless it runs already or the actor is closing.
+
+        It is started lazily (issue #8: a short-lived or quiet session then never pays
+        for a second task): by the first command, or when the lock timer is first due.
+        """
+        if self._service_started or self._nursery is None:
+            return
+        self._service_started = True
+        self._nursery.start_soon(self._service, name=f"session {self.session_id} service")
+
+    async def _send_request(self, request: _Request) -> None:
+        self._start_service()
         try:
             self._requests_tx.send_nowait(request)
         except trio.WouldBlock:
             await self._requests_tx.send(request)
+
+    async def _request(self, kind: str, payload: Any = None) -> Any:
+        request = _Request(kind, payload)
+        try:
+            await self._send_request(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise trio.ClosedResourceError(
                 f"session {self.session_id!r} was closed; its context can no longer be used"
@@ -386,7 +412,12 @@ class SessionActor:
         logger.info("session %s of %s accepted", self.session_id, hooks.entity_path)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._service, name=f"session {self.session_id} service")
+                self._nursery = nursery
+                schedule = hooks.schedule_lock_timer
+                if schedule is None:
+                    self._start_service()
+                else:
+                    schedule(self, self._timer_at)
                 with self._lock_scope:
                     with self._grace_scope:
                         if await self._initialize():
@@ -404,8 +435,10 @@ class SessionActor:
                     await hooks.report(
                         self._lock_lost, self._lock_lost_source, self.session_id, False
                     )
+                self._nursery = None  # no service task from now on
                 self._requests_tx.close()
         finally:
+            self._nursery = None
             self._requests_tx.close()
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
@@ -605,7 +638,7 @@ class SessionActor:
         for message in messages:
             if self._open.pop(message.lock_token or "", None) is not None:
                 request = _Request("settle", Abandon(message))
-                await self._requests_tx.send(request)
+                await self._send_request(request)
                 requests.append(request)
         for request in requests:
             await request.done.wait()
