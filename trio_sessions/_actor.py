@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -114,6 +113,39 @@ class ActorHooks:
 class SessionActor:
     """Runs one locked session from accept to close (internal)."""
 
+    # Slots: thousands of actors may be held at once (issue #8, memory per idle session).
+    __slots__ = (
+        "_auto_complete",
+        "_buffer",
+        "_busy",
+        "_current",
+        "_draining",
+        "_give_up_renewing_at",
+        "_grace_scope",
+        "_hooks",
+        "_idle_scope",
+        "_link",
+        "_lock_duration",
+        "_lock_lost",
+        "_lock_lost_source",
+        "_lock_scope",
+        "_locked_until_utc",
+        "_nursery",
+        "_open",
+        "_options",
+        "_peek_lock",
+        "_receive_attempt",
+        "_receive_scope",
+        "_renew_attempt",
+        "_requests_tx",
+        "_settle_inline",
+        "_timer_at",
+        "_timer_renews",
+        "_wake_pump",
+        "context",
+        "done",
+    )
+
     def __init__(self, link: SessionLink, hooks: ActorHooks) -> None:
         options = hooks.options
         self._link = link
@@ -141,15 +173,15 @@ class SessionActor:
         )
         self._renew_attempt = 0
         self._nursery: trio.Nursery | None = None
-        self._service_started = False
-        capacity = options.max_concurrent_calls_per_session + options.prefetch_count
-        self._requests_tx, self._requests_rx = trio.open_memory_channel[_Request](capacity + 64)
+        # Made with the service task (see _start_service).
+        self._requests_tx: trio.MemorySendChannel[_Request] | None = None
         self._open: dict[str, ReceivedMessage] = {}
-        self._buffer: deque[ReceivedMessage] = deque()
+        # Received but not yet handed out, last first (a list: an empty deque costs 600 B).
+        self._buffer: list[ReceivedMessage] = []
         self._current: ReceivedMessage | None = None
         self._draining = False
         self._busy = 0
-        self._wake_pump = trio.Event()
+        self._wake_pump: trio.Event | None = None  # only with several workers
         self._lock_lost: SessionLockLostError | None = None
         self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
@@ -221,7 +253,8 @@ class SessionActor:
         self._draining = True
         if self._receive_scope is not None:
             self._receive_scope.cancel()
-        self._wake_pump.set()
+        if self._wake_pump is not None:
+            self._wake_pump.set()
 
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
@@ -251,17 +284,22 @@ class SessionActor:
         It is started lazily (issue #8: a short-lived or quiet session then never pays
         for a second task): by the first command, or when the lock timer is first due.
         """
-        if self._service_started or self._nursery is None:
+        if self._requests_tx is not None or self._nursery is None:
             return
-        self._service_started = True
-        self._nursery.start_soon(self._service, name=f"session {self.session_id} service")
+        options = self._options
+        capacity = options.max_concurrent_calls_per_session + options.prefetch_count
+        self._requests_tx, receive = trio.open_memory_channel[_Request](capacity + 64)
+        self._nursery.start_soon(self._service, receive, name=f"session {self.session_id} service")
 
     async def _send_request(self, request: _Request) -> None:
         self._start_service()
+        requests = self._requests_tx
+        if requests is None:  # closing, and no service task ever started
+            raise trio.ClosedResourceError
         try:
-            self._requests_tx.send_nowait(request)
+            requests.send_nowait(request)
         except trio.WouldBlock:
-            await self._requests_tx.send(request)
+            await requests.send(request)
 
     async def _request(self, kind: str, payload: Any = None) -> Any:
         request = _Request(kind, payload)
@@ -276,9 +314,8 @@ class SessionActor:
             raise request.error
         return request.result
 
-    async def _service(self) -> None:
+    async def _service(self, receive: trio.MemoryReceiveChannel[_Request]) -> None:
         """Execute commands in arrival order, batching settlements; run the lock timer."""
-        receive = self._requests_rx
         async with receive:
             while True:
                 request = None
@@ -422,7 +459,7 @@ class SessionActor:
                     with self._grace_scope:
                         if await self._initialize():
                             await self._work()
-                    await self._give_back(list(self._buffer))
+                    await self._give_back(self._buffer[::-1])
                     self._buffer.clear()
                     await self._call_closing()
                 if self._lock_scope.cancelled_caught and self._lock_lost is None:
@@ -435,11 +472,9 @@ class SessionActor:
                     await hooks.report(
                         self._lock_lost, self._lock_lost_source, self.session_id, False
                     )
-                self._nursery = None  # no service task from now on
-                self._requests_tx.close()
+                self._close_requests()
         finally:
-            self._nursery = None
-            self._requests_tx.close()
+            self._close_requests()
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
@@ -452,6 +487,12 @@ class SessionActor:
             logger.info("session %s closed", self.session_id)
             on_exit(self)
             self.done.set()
+
+    def _close_requests(self) -> None:
+        """No more commands: the service task (if any) ends once it has done those sent."""
+        self._nursery = None  # and no service task from now on
+        if self._requests_tx is not None:
+            self._requests_tx.close()
 
     async def _initialize(self) -> bool:
         callback = self._hooks.session_initializing
@@ -576,10 +617,10 @@ class SessionActor:
             batch = await self._receive(1 + self._options.prefetch_count, idle=True)
             if not batch:
                 return None
-            self._buffer.extend(batch)
+            self._buffer = batch[::-1]
             if self.released():  # released while the batch arrived: it is given back
                 return None
-        return self._buffer.popleft()
+        return self._buffer.pop()
 
     # -- handling ------------------------------------------------------------------------------
 
@@ -657,8 +698,8 @@ class SessionActor:
                 while not self._draining:
                     free = capacity - self._busy
                     if free == 0:
-                        await self._wake_pump.wait()
-                        self._wake_pump = trio.Event()
+                        self._wake_pump = wake = trio.Event()
+                        await wake.wait()
                         continue
                     batch = await self._receive(free, idle=self._busy == 0)
                     if batch is None:  # idle (only when nothing is busy), released, or failed
@@ -679,7 +720,8 @@ class SessionActor:
                         await self._handle(message)
                 finally:
                     self._busy -= 1
-                    self._wake_pump.set()
+                    if self._wake_pump is not None:
+                        self._wake_pump.set()
                     if self._busy == 0 and self._receive_scope is not None:
                         # Nothing in flight: the idle clock starts now.
                         self._receive_scope.deadline = (
