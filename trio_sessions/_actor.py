@@ -121,6 +121,7 @@ class SessionActor:
         "_current",
         "_draining",
         "_give_up_renewing_at",
+        "_grace_deadline",
         "_grace_scope",
         "_hooks",
         "_idle_scope",
@@ -166,6 +167,7 @@ class SessionActor:
         self._locked_until_utc = link.locked_until_utc
         self._lock_scope = trio.CancelScope(deadline=link.locked_until)
         self._grace_scope = trio.CancelScope()
+        self._grace_deadline = math.inf  # the grace scope's deadline, when not idling
         self._receive_scope: trio.CancelScope | None = None
         self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
@@ -259,6 +261,7 @@ class SessionActor:
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
         self.release()
+        self._grace_deadline = min(self._grace_deadline, grace_deadline)
         self._grace_scope.deadline = min(self._grace_scope.deadline, grace_deadline)
 
     async def next_message(self) -> ReceivedMessage | None:
@@ -509,7 +512,7 @@ class SessionActor:
         callback = self._hooks.session_closing
         if callback is None:
             return
-        with trio.CancelScope(deadline=self._grace_scope.deadline):
+        with trio.CancelScope(deadline=self._grace_deadline):
             try:
                 await callback(self.context)
             except Exception as exc:
@@ -535,17 +538,18 @@ class SessionActor:
     async def _run_inline(self) -> None:
         """Receive and handle one message at a time, in this task.
 
-        One cancel scope serves as the idle clock of every wait (issue #8: a scope per
-        message was a main cost): `_receive` moves its deadline from infinity to the idle
-        deadline around each wait and back, so handler time never counts as idle.
+        The grace scope around this loop doubles as the idle clock of every wait (issue
+        #8: a scope per message was a main cost, and each live scope costs memory):
+        `_receive` moves its deadline to the idle deadline around each wait and back to
+        the grace deadline, so handler time never counts as idle. When either fires, the
+        work ends the same way: out of the grace scope, to give back and close.
         """
-        with trio.CancelScope(deadline=math.inf) as idle:
-            self._idle_scope = idle
-            try:
-                while (message := await self._next_message()) is not None:
-                    await self._handle(message)
-            finally:
-                self._idle_scope = None
+        self._idle_scope = self._grace_scope
+        try:
+            while (message := await self._next_message()) is not None:
+                await self._handle(message)
+        finally:
+            self._idle_scope = None
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -561,7 +565,7 @@ class SessionActor:
 
         The idle clock runs only when ``idle`` (nothing in flight or buffered); transient
         errors are reported and retried with backoff, each attempt with a fresh idle
-        deadline. In the inline loop the idle clock is the loop's own scope (see
+        deadline. In the inline loop the idle clock is the grace scope (see
         `_run_inline`), which raises `trio.Cancelled` out of here when it fires.
         """
         while not self._draining:
@@ -569,13 +573,13 @@ class SessionActor:
             deadline = trio.current_time() + timeout
             held = self._idle_scope
             if held is not None:
-                held.deadline = deadline
+                held.deadline = min(deadline, self._grace_deadline)
                 self._receive_scope = held
                 try:
                     outcome = await self._receive_once(max_count)
                 finally:
                     self._receive_scope = None
-                    held.deadline = math.inf
+                    held.deadline = self._grace_deadline
             else:
                 with trio.CancelScope(deadline=deadline) as scope:
                     self._receive_scope = scope
