@@ -13,7 +13,9 @@ returns that `Timing`. Teardown (closing sessions) is not timed, in any scenario
   `MemoryBroker` and receive from it with a cancel scope per receive (the idle
   timeout), awaiting ``complete`` for each message.
 * **manager**: `open_session_manager` on the `MemoryBroker` with a no-op handler,
-  ``auto_complete`` and ``max_concurrent_sessions = S``.
+  ``auto_complete`` and ``max_concurrent_sessions = S`` (defaults otherwise, so
+  ``prefetch_count=0``: one message received at a time per session);
+  **manager_prefetch** is the same with ``prefetch_count=10`` (receives in batches).
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def manager_options(sessions: int, **overrides: object) -> SessionManagerOptions
     return SessionManagerOptions(**fields)  # type: ignore[arg-type]
 
 
-def run_manager(sessions: int, per_session: int) -> Timing:
+def run_manager(sessions: int, per_session: int, **overrides: object) -> Timing:
     """`open_session_manager` with a no-op handler and auto-complete."""
     total = sessions * per_session
     broker = loaded_broker(sessions, per_session)
@@ -191,7 +193,7 @@ def run_manager(sessions: int, per_session: int) -> Timing:
     async def main() -> Timing:
         timing = Timing()
         async with open_session_manager(
-            broker, queue_name=QUEUE, options=manager_options(sessions)
+            broker, queue_name=QUEUE, options=manager_options(sessions, **overrides)
         ) as manager:
             async with trio.open_nursery() as nursery:
                 with timed() as timing:
@@ -207,8 +209,18 @@ def run_manager(sessions: int, per_session: int) -> Timing:
     return _trio_run(main)
 
 
+#: prefetch_count of the supplementary manager series: receives in batches of 11.
+PREFETCH = 10
+
+
+def run_manager_prefetch(sessions: int, per_session: int) -> Timing:
+    """As `run_manager`, with ``prefetch_count=PREFETCH``: batched receives."""
+    return run_manager(sessions, per_session, prefetch_count=PREFETCH)
+
+
 SCENARIOS: dict[str, Callable[[int, int], Timing]] = {
     "floor": run_floor,
     "naive": run_naive,
     "manager": run_manager,
+    "manager_prefetch": run_manager_prefetch,
 }
