@@ -66,13 +66,6 @@ def _settle_source(settlement: Settlement) -> ErrorSource:
     return _SETTLE_SOURCES.get(type(settlement), ErrorSource.DEFER)
 
 
-class _Retry:
-    """What `SessionActor._receive_once` returns for a receive to try again."""
-
-
-_RETRY = _Retry()
-
-
 class _Request:
     """A command for the service task, with room for its outcome."""
 
@@ -540,14 +533,23 @@ class SessionActor:
 
         The grace scope around this loop doubles as the idle clock of every wait (issue
         #8: a scope per message was a main cost, and each live scope costs memory):
-        `_receive` moves its deadline to the idle deadline around each wait and back to
-        the grace deadline, so handler time never counts as idle. When either fires, the
-        work ends the same way: out of the grace scope, to give back and close.
+        `_receive_within` moves its deadline to the idle deadline around each wait and
+        back to the grace deadline, so handler time never counts as idle. When either
+        fires, the work ends the same way: out of the grace scope, to give back and close.
+        This loop is `_next_message` unrolled: each coroutine layer costs per message.
         """
-        self._idle_scope = self._grace_scope
+        grace = self._idle_scope = self._grace_scope
+        max_count = 1 + self._options.prefetch_count
         try:
-            while (message := await self._next_message()) is not None:
-                await self._handle(message)
+            while not self._draining:
+                if not self._buffer:
+                    batch = await self._receive_within(grace, max_count, idle=True)
+                    if not batch:
+                        return
+                    self._buffer = batch[::-1]
+                    if self.released():  # released while the batch arrived: given back
+                        return
+                await self._handle(self._buffer.pop())
         finally:
             self._idle_scope = None
 
@@ -563,58 +565,54 @@ class SessionActor:
     async def _receive(self, max_count: int, idle: bool) -> list[ReceivedMessage] | None:
         """Receive up to ``max_count`` messages; None when idle or released.
 
+        In the inline loop the idle clock is the grace scope (see `_run_inline`), which
+        raises `trio.Cancelled` out of here when it fires; elsewhere each wait has a
+        scope of its own.
+        """
+        held = self._idle_scope
+        if held is not None:
+            return await self._receive_within(held, max_count, idle)
+        with trio.CancelScope() as scope:
+            return await self._receive_within(scope, max_count, idle)
+        return None  # the wait ran idle, or was released
+
+    async def _receive_within(
+        self, scope: trio.CancelScope, max_count: int, idle: bool
+    ) -> list[ReceivedMessage] | None:
+        """Receive with ``scope`` as the idle clock; None when released or failed.
+
         The idle clock runs only when ``idle`` (nothing in flight or buffered); transient
         errors are reported and retried with backoff, each attempt with a fresh idle
-        deadline. In the inline loop the idle clock is the grace scope (see
-        `_run_inline`), which raises `trio.Cancelled` out of here when it fires.
+        deadline. When the idle deadline passes, ``scope`` is cancelled.
         """
         while not self._draining:
             timeout = self._options.session_idle_timeout if idle else math.inf
-            deadline = trio.current_time() + timeout
-            held = self._idle_scope
-            if held is not None:
-                held.deadline = min(deadline, self._grace_deadline)
-                self._receive_scope = held
-                try:
-                    outcome = await self._receive_once(max_count)
-                finally:
-                    self._receive_scope = None
-                    held.deadline = self._grace_deadline
-            else:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self._receive_scope = scope
-                    try:
-                        outcome = await self._receive_once(max_count)
-                    finally:
-                        self._receive_scope = None
-                if scope.cancelled_caught:
-                    return None
-            if not isinstance(outcome, _Retry):
-                return outcome
+            scope.deadline = min(trio.current_time() + timeout, self._grace_deadline)
+            self._receive_scope = scope
+            try:
+                batch = await self._link.receive(max_count)
+            except SessionLockLostError as exc:
+                await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
+            except TRANSIENT_ERRORS as exc:
+                await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+                await trio.sleep(self._options.retry.delay(self._receive_attempt))
+                self._receive_attempt += 1
+                continue
+            except Exception as exc:
+                # Not retryable: report it and give the session back.
+                await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+                self.release()
+                return None
+            finally:
+                self._receive_scope = None
+                scope.deadline = self._grace_deadline
+            self._receive_attempt = 0
+            self._received(batch)
+            return batch
         return None
 
-    async def _receive_once(self, max_count: int) -> list[ReceivedMessage] | _Retry | None:
-        """One receive: a batch, None (failed: the session is released), or `_RETRY`."""
-        try:
-            batch = await self._link.receive(max_count)
-        except SessionLockLostError as exc:
-            await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
-        except TRANSIENT_ERRORS as exc:
-            await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-            await trio.sleep(self._options.retry.delay(self._receive_attempt))
-            self._receive_attempt += 1
-            return _RETRY
-        except Exception as exc:
-            # Not retryable: report it and give the session back.
-            await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-            self.release()
-            return None
-        self._receive_attempt = 0
-        self._received(batch)
-        return batch
-
     async def _next_message(self) -> ReceivedMessage | None:
-        """The next message for the inline handler or the actor form; None ends the session."""
+        """The next message for the actor form; None ends the session."""
         if self._draining:
             return None
         if not self._buffer:
