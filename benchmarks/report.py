@@ -60,10 +60,59 @@ def _load(name: str, results: Path) -> dict[str, Any] | None:
     return document
 
 
+def _measured(key: str, documents: dict[str, dict[str, Any]]) -> str:
+    """The figures a goal's ratio is made of, from the same run."""
+    tp, churn, memory = (documents.get(n) for n in ("throughput", "churn", "memory"))
+    if key in ("P1", "P2", "P2 (prefetch)", "P3") and tp is not None:
+        figures, ratios = tp["figures"], tp["ratios"]
+        if key == "P1":
+            s = max(figures["constant_total"]["manager"], key=int)
+            s = "1000" if "1000" in figures["constant_total"]["manager"] else s
+            row = figures["constant_total"]
+            return (
+                f"S={int(s):,}: manager {row['manager'][s]['messages_per_cpu_s']:,.0f}, "
+                f"floor {row['floor'][s]['messages_per_cpu_s']:,.0f} messages/CPU-s"
+            )
+        if key == "P3":
+            sc = ratios["P3_scaling"]
+            return (
+                f"T({sc['sessions'][1]:,})/T({sc['sessions'][0]:,}): manager "
+                f"{sc['manager_T_big_over_T_small']:.2f}, floor {sc['floor_T_big_over_T_small']:.2f}"
+            )
+        name = "manager" if key == "P2" else "manager_prefetch"
+        cells = [
+            (ratios[series][s][f"{name}_vs_naive"], series, s)
+            for series in ("constant_total", "per_session")
+            for s in ratios[series]
+        ]
+        low, series, s = min(cells)
+        high = max(c[0] for c in cells)
+        where = "constant total" if series == "constant_total" else "10 per session"
+        return f"{low:.2f}x (S={int(s):,}, {where}) to {high:.2f}x"
+    if key == "P5" and churn is not None:
+        f = churn["figures"]
+        return (
+            f"manager {f['manager']['cpu_us_per_session']:.0f} µs, naive loop "
+            f"{f['naive']['cpu_us_per_session']:.0f} µs, bare task "
+            f"{f['bare_task']['cpu_us_per_session']:.0f} µs"
+        )
+    if key.startswith("P4") and memory is not None:
+        parts = []
+        for count, row in memory["figures"].items():
+            actor, bare = row["actor"], row["bare_task"]
+            parts.append(
+                f"N={int(count):,}: actor {actor['bytes_per_traced_actor_only'] / 1024:.1f} KiB "
+                f"traced, {actor['bytes_per_rss'] / 1024:.1f} KiB RSS; bare task "
+                f"{bare['bytes_per_traced'] / 1024:.1f} / {bare['bytes_per_rss'] / 1024:.1f} KiB"
+            )
+        return "; ".join(parts)
+    return ""
+
+
 def _goal_rows(documents: dict[str, dict[str, Any]]) -> list[str]:
     rows = [
-        "| Goal | Target | Figure | Status | Command |",
-        "|---|---|---|---|---|",
+        "| Goal | Target | Result | Measured (same run) | Status | Command |",
+        "|---|---|---:|---|---|---|",
     ]
     for name, document in documents.items():
         for verdict in document["goals"]:
@@ -71,15 +120,15 @@ def _goal_rows(documents: dict[str, dict[str, Any]]) -> list[str]:
             command = f"`{COMMANDS[name]}`"
             if verdict["met"] is None:
                 rows.append(
-                    f"| {key} | {verdict['text']} | not measured | not measured: "
-                    f"{verdict['note']} | {command} |"
+                    f"| {key} | {verdict['text']} | | | not measured: {verdict['note']} "
+                    f"| {command} |"
                 )
                 continue
             figure = f"{verdict['figure']:.3g}{verdict['unit']}"
             status = "**met**" if verdict["met"] else f"**missed**: {WHY.get(key, '')}"
-            target = f"{verdict['op']} {verdict['threshold']:g}{verdict['unit']}"
             rows.append(
-                f"| {key} | {verdict['text']} ({target}) | {figure} | {status} | {command} |"
+                f"| {key} | {verdict['text']} | {figure} | {_measured(key, documents)} "
+                f"| {status} | {command} |"
             )
     return rows
 
