@@ -137,6 +137,14 @@ def main() -> None:
             unit="x",
         ),
         goal(
+            "P1 (prefetch)",
+            f"as P1, the manager with prefetch_count={PREFETCH} (batched receives)",
+            ratios["constant_total"][p1_s]["manager_prefetch_vs_floor"],
+            0.9,
+            higher_is_better=True,
+            unit="x",
+        ),
+        goal(
             "P2",
             "manager ≥ 1.5x the naive loop at every S (worst S of both series)",
             p2,

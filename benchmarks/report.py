@@ -38,6 +38,7 @@ WHY = {
     "P2": "with `prefetch_count=0` the contract allows one receive and one settlement per "
     "message and session, which is exactly what the naive loop does: the manager can "
     "only add bookkeeping to those two hops, so the ratio stays near 1",
+    "P1 (prefetch)": "as P1, less one receive hop in eleven",
     "P2 (prefetch)": "batched receives save one hop in two at most; settlements are still "
     "one backend call per message",
     "P3": "per-session cost (accept, actor start, close) grows relative to the floor's "
@@ -63,14 +64,15 @@ def _load(name: str, results: Path) -> dict[str, Any] | None:
 def _measured(key: str, documents: dict[str, dict[str, Any]]) -> str:
     """The figures a goal's ratio is made of, from the same run."""
     tp, churn, memory = (documents.get(n) for n in ("throughput", "churn", "memory"))
-    if key in ("P1", "P2", "P2 (prefetch)", "P3") and tp is not None:
+    if key in ("P1", "P1 (prefetch)", "P2", "P2 (prefetch)", "P3") and tp is not None:
         figures, ratios = tp["figures"], tp["ratios"]
-        if key == "P1":
+        if key.startswith("P1"):
             s = max(figures["constant_total"]["manager"], key=int)
             s = "1000" if "1000" in figures["constant_total"]["manager"] else s
             row = figures["constant_total"]
+            name = "manager" if key == "P1" else "manager_prefetch"
             return (
-                f"S={int(s):,}: manager {row['manager'][s]['messages_per_cpu_s']:,.0f}, "
+                f"S={int(s):,}: {name} {row[name][s]['messages_per_cpu_s']:,.0f}, "
                 f"floor {row['floor'][s]['messages_per_cpu_s']:,.0f} messages/CPU-s"
             )
         if key == "P3":
@@ -109,13 +111,32 @@ def _measured(key: str, documents: dict[str, dict[str, Any]]) -> str:
     return ""
 
 
+def _with_p1_prefetch(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The throughput goals, with "P1 (prefetch)" derived if the run predates it."""
+    goals: list[dict[str, Any]] = document["goals"]
+    if any(g["goal"] == "P1 (prefetch)" for g in goals):
+        return goals
+    p1 = next(g for g in goals if g["goal"] == "P1")
+    s = "1000" if "1000" in document["ratios"]["constant_total"] else "100"
+    figure = document["ratios"]["constant_total"][s]["manager_prefetch_vs_floor"]
+    derived = {
+        **p1,
+        "goal": "P1 (prefetch)",
+        "text": "as P1, the manager with prefetch_count=10 (batched receives)",
+        "figure": figure,
+        "met": figure >= p1["threshold"],
+    }
+    return [p1, derived, *(g for g in goals if g["goal"] != "P1")]
+
+
 def _goal_rows(documents: dict[str, dict[str, Any]]) -> list[str]:
     rows = [
         "| Goal | Target | Result | Measured (same run) | Status | Command |",
         "|---|---|---:|---|---|---|",
     ]
     for name, document in documents.items():
-        for verdict in document["goals"]:
+        goals = _with_p1_prefetch(document) if name == "throughput" else document["goals"]
+        for verdict in goals:
             key = verdict["goal"]
             command = f"`{COMMANDS[name]}`"
             if verdict["met"] is None:
