@@ -32,23 +32,25 @@ COMMANDS = {
 #: Why a goal is missed (shown only while it is): see "Where the time goes" on the page.
 WHY = {
     "P1": "the manager does the broker's work per message (a receive and a settlement, "
-    "each a checkpoint through Trio's scheduler, plus building a `ReceivedMessage`), "
-    "which the floor, with no broker, does not; the naive loop pays the same and is "
-    "further behind",
-    "P2": "with `prefetch_count=0` the contract allows one receive and one settlement per "
-    "message and session, which is exactly what the naive loop does: the manager can "
-    "only add bookkeeping to those two hops, so the ratio stays near 1",
+    "each a checkpoint through Trio's scheduler, plus a `ReceivedMessage` and a lock "
+    "token), which the floor, having no broker, does not; the naive loop pays the same",
     "P1 (prefetch)": "as P1, less one receive hop in eleven",
-    "P2 (prefetch)": "batched receives save one hop in two at most; settlements are still "
-    "one backend call per message",
-    "P3": "per-session cost (accept, actor start, close) grows relative to the floor's "
-    "cheap task start",
+    "P2": "with `prefetch_count=0` the contract allows one receive and one settlement per "
+    "message and session, exactly what the naive loop does, so the manager can only add "
+    "bookkeeping to those two hops; at 10 messages per session its heavier session "
+    "lifecycle (P5) weighs on every message",
+    "P2 (prefetch)": "batched receives save most receive hops, but settlements are still "
+    "one backend call per message, and the lifecycle cost (P5) stays",
+    "P3": "the cost that grows with the sessions held is per object held: the garbage "
+    "collector's full passes and the broker's per-session bookkeeping; the naive loop "
+    "loses almost as much (its own ratio is in the throughput table), an actor holds more "
+    "objects than a floor task",
     "P4": "an idle actor is a task, a nursery, two cancel scopes (lock, grace), its link "
     "waiting in the broker under a scope of its own, and its context: about twice a bare "
     "task and its channel",
     "P4 ratio": "as P4: the reference is one task, one channel and no cancel scope",
     "P5": "the broker's own part of a lifecycle (accept, two receives, a settlement, close: "
-    "what the naive loop pays) is already near the budget; the actor adds a task, a "
+    "what the naive loop pays) is already about the budget; the actor adds a task, a "
     "nursery and its scopes",
 }
 
