@@ -107,7 +107,10 @@ class SessionActor:
     """Runs one locked session from accept to close (internal)."""
 
     # Slots: thousands of actors may be held at once (issue #8, memory per idle session).
+    # "__dict__" too, made only when something sets another attribute (for instance a
+    # per-instance wrapper of a method), so that stays possible at no cost otherwise.
     __slots__ = (
+        "__dict__",
         "_auto_complete",
         "_buffer",
         "_busy",
