@@ -23,8 +23,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 COMMANDS = {
     "throughput": "python benchmarks/bench_throughput.py",
-    "churn": "python benchmarks/bench_churn.py",
     "memory": "python benchmarks/bench_memory.py",
+    "churn": "python benchmarks/bench_churn.py",
     "latency": "python benchmarks/bench_latency.py",
     "sdk": "python benchmarks/bench_sdk.py",
 }
@@ -43,14 +43,14 @@ WHY = {
     "one backend call per message, and the lifecycle cost (P5) stays",
     "P3": "the cost that grows with the sessions held is per object held: the garbage "
     "collector's full passes and the broker's per-session bookkeeping; the naive loop "
-    "loses almost as much (its own ratio is in the throughput table), an actor holds more "
-    "objects than a floor task",
+    "loses as much (its own ratio is below the throughput tables), and an actor holds "
+    "more objects than a floor task",
     "P4": "an idle actor is a task, a nursery, two cancel scopes (lock, grace), its link "
     "waiting in the broker under a scope of its own, and its context: about twice a bare "
     "task and its channel",
     "P4 ratio": "as P4: the reference is one task, one channel and no cancel scope",
     "P5": "the broker's own part of a lifecycle (accept, two receives, a settlement, close: "
-    "what the naive loop pays) is already about the budget; the actor adds a task, a "
+    "what the naive loop pays) takes most of the budget; the actor adds a task, a "
     "nursery and its scopes",
 }
 
@@ -294,10 +294,10 @@ def render(results: Path = RESULTS) -> str:
     lines = ["", *_goal_rows(documents)]
     if "throughput" in documents:
         lines += _throughput_rows(documents["throughput"])
-    if "churn" in documents:
-        lines += _churn_rows(documents["churn"])
     if "memory" in documents:
         lines += _memory_rows(documents["memory"])
+    if "churn" in documents:
+        lines += _churn_rows(documents["churn"])
     if "latency" in documents:
         lines += _latency_rows(documents["latency"])
     lines += _provenance(documents)
