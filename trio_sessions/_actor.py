@@ -19,9 +19,10 @@ cancellation, no token to check) and nothing more is settled on that lock.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -101,10 +102,55 @@ class ActorHooks:
     session_initializing: SessionHandler | None = None
     session_closing: SessionHandler | None = None
     telemetry: Telemetry | None = None
+    #: Calls ``actor.lock_timer_due()`` at a Trio-clock time, from a task shared by all
+    #: actors (the manager's): it lets an actor start its service task only when one is
+    #: needed. None: every actor starts its service task at once.
+    schedule_lock_timer: Callable[[SessionActor, float], None] | None = None
 
 
 class SessionActor:
     """Runs one locked session from accept to close (internal)."""
+
+    # Slots: thousands of actors may be held at once (issue #8, memory per idle session).
+    # "__dict__" too, made only when something sets another attribute (for instance a
+    # per-instance wrapper of a method), so that stays possible at no cost otherwise.
+    __slots__ = (
+        "__dict__",
+        "_auto_complete",
+        "_buffer",
+        "_busy",
+        "_close_reason",
+        "_context",
+        "_current",
+        "_draining",
+        "_give_up_renewing_at",
+        "_grace_deadline",
+        "_grace_scope",
+        "_hooks",
+        "_idle_scope",
+        "_link",
+        "_lock_duration",
+        "_lock_lost",
+        "_lock_lost_source",
+        "_lock_scope",
+        "_locked_until_utc",
+        "_log_extra",
+        "_nursery",
+        "_open",
+        "_options",
+        "_peek_lock",
+        "_receive_attempt",
+        "_receive_scope",
+        "_renew_attempt",
+        "_requests_tx",
+        "_settle_batch",
+        "_settle_inline",
+        "_timer_at",
+        "_timer_renews",
+        "_wake_pump",
+        "context",
+        "done",
+    )
 
     def __init__(self, link: SessionLink, hooks: ActorHooks) -> None:
         options = hooks.options
@@ -113,6 +159,11 @@ class SessionActor:
         self._options = options
         self._peek_lock = hooks.receive_mode is ReceiveMode.PEEK_LOCK
         self._auto_complete = options.auto_complete and self._peek_lock
+        # One task receives and runs handlers (inline calls, or the actor form): it settles
+        # its own auto-settlements directly (see _auto_settle).
+        self._settle_inline = (
+            hooks.process_session is not None or options.max_concurrent_calls_per_session == 1
+        )
         self.context = SessionContext(self)
         self.done = trio.Event()
         now = trio.current_time()
@@ -121,19 +172,24 @@ class SessionActor:
         self._locked_until_utc = link.locked_until_utc
         self._lock_scope = trio.CancelScope(deadline=link.locked_until)
         self._grace_scope = trio.CancelScope()
+        self._grace_deadline = math.inf  # the grace scope's deadline, when not idling
         self._receive_scope: trio.CancelScope | None = None
+        self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
             link.locked_until, self._lock_duration, self._give_up_renewing_at
         )
         self._renew_attempt = 0
-        capacity = options.max_concurrent_calls_per_session + options.prefetch_count
-        self._requests_tx, self._requests_rx = trio.open_memory_channel[_Request](capacity + 64)
+        self._nursery: trio.Nursery | None = None
+        self._context: contextvars.Context | None = None  # the actor task's own
+        # Made with the service task (see _start_service).
+        self._requests_tx: trio.MemorySendChannel[_Request] | None = None
         self._open: dict[str, ReceivedMessage] = {}
-        self._buffer: deque[ReceivedMessage] = deque()
+        # Received but not yet handed out, last first (a list: an empty deque costs 600 B).
+        self._buffer: list[ReceivedMessage] = []
         self._current: ReceivedMessage | None = None
         self._draining = False
         self._busy = 0
-        self._wake_pump = trio.Event()
+        self._wake_pump: trio.Event | None = None  # only with several workers
         self._lock_lost: SessionLockLostError | None = None
         self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
@@ -217,11 +273,13 @@ class SessionActor:
         self._close_reason = reason
         if self._receive_scope is not None:
             self._receive_scope.cancel()
-        self._wake_pump.set()
+        if self._wake_pump is not None:
+            self._wake_pump.set()
 
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
         self.release("stopped")
+        self._grace_deadline = min(self._grace_deadline, grace_deadline)
         self._grace_scope.deadline = min(self._grace_scope.deadline, grace_deadline)
 
     async def next_message(self) -> ReceivedMessage | None:
@@ -242,12 +300,43 @@ class SessionActor:
 
     # -- commands ------------------------------------------------------------------------
 
+    def lock_timer_due(self) -> None:
+        """The first lock timer is due (called by the manager's timer task)."""
+        self._start_service()
+
+    def _start_service(self) -> None:
+        """Start the service task unless it runs already or the actor is closing.
+
+        It is started lazily (issue #8: a short-lived or quiet session then never pays
+        for a second task): by the first command, or when the lock timer is first due.
+        """
+        if self._requests_tx is not None or self._nursery is None:
+            return
+        options = self._options
+        capacity = options.max_concurrent_calls_per_session + options.prefetch_count
+        self._requests_tx, receive = trio.open_memory_channel[_Request](capacity + 64)
+        # In the actor's own context, not that of the handler whose command started it:
+        # a task copies its spawner's context vars (an OpenTelemetry span, for one).
+        assert self._context is not None
+        name = f"session {self.session_id} service"
+        self._context.run(
+            functools.partial(self._nursery.start_soon, name=name), self._service, receive
+        )
+
+    async def _send_request(self, request: _Request) -> None:
+        self._start_service()
+        requests = self._requests_tx
+        if requests is None:  # closing, and no service task ever started
+            raise trio.ClosedResourceError
+        try:
+            requests.send_nowait(request)
+        except trio.WouldBlock:
+            await requests.send(request)
+
     async def _request(self, kind: str, payload: Any = None) -> Any:
         request = _Request(kind, payload)
         try:
-            self._requests_tx.send_nowait(request)
-        except trio.WouldBlock:
-            await self._requests_tx.send(request)
+            await self._send_request(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise trio.ClosedResourceError(
                 f"session {self.session_id!r} was closed; its context can no longer be used"
@@ -257,9 +346,8 @@ class SessionActor:
             raise request.error
         return request.result
 
-    async def _service(self) -> None:
+    async def _service(self, receive: trio.MemoryReceiveChannel[_Request]) -> None:
         """Execute commands in arrival order, batching settlements; run the lock timer."""
-        receive = self._requests_rx
         async with receive:
             while True:
                 request = None
@@ -280,7 +368,6 @@ class SessionActor:
                 await self._execute(batch)
 
     async def _execute(self, batch: list[_Request]) -> None:
-        counters = self._hooks.counters
         i = 0
         while i < len(batch):
             request = batch[i]
@@ -298,21 +385,11 @@ class SessionActor:
                     raise
                 if logger.isEnabledFor(logging.DEBUG):
                     self._log_settled(settlements, results)
-                for r, settlement, error in zip(group, settlements, results, strict=True):
-                    if error is None:
-                        if isinstance(settlement, Complete):
-                            counters.messages_completed += 1
-                        elif isinstance(settlement, Abandon):
-                            counters.messages_abandoned += 1
-                        elif isinstance(settlement, DeadLetter):
-                            counters.messages_dead_lettered += 1
-                        else:
-                            counters.messages_deferred += 1
+                for r, error in zip(group, results, strict=True):
                     r.resolve(error=error)
-                    # After resolving: the waiting caller wakes with the error itself, and
-                    # the lock scope's cancellation reaches it at its next checkpoint.
-                    if isinstance(error, SessionLockLostError):
-                        self._note_lock_lost(error, _settle_source(settlement))
+                # After resolving: the waiting caller wakes with the error itself, and
+                # the lock scope's cancellation reaches it at its next checkpoint.
+                self._count_settled(settlements, results)
                 i = j
                 continue
             source = ErrorSource.SESSION_STATE
@@ -334,6 +411,24 @@ class SessionActor:
                 if isinstance(exc, SessionLockLostError):
                     self._note_lock_lost(exc, source)
             i += 1
+
+    def _count_settled(
+        self, settlements: Sequence[Settlement], results: Sequence[BaseException | None]
+    ) -> None:
+        """Count what the backend settled; note a lost lock found by a settlement."""
+        counters = self._hooks.counters
+        for settlement, error in zip(settlements, results, strict=True):
+            if error is None:
+                if isinstance(settlement, Complete):
+                    counters.messages_completed += 1
+                elif isinstance(settlement, Abandon):
+                    counters.messages_abandoned += 1
+                elif isinstance(settlement, DeadLetter):
+                    counters.messages_dead_lettered += 1
+                else:
+                    counters.messages_deferred += 1
+            elif isinstance(error, SessionLockLostError):
+                self._note_lock_lost(error, _settle_source(settlement))
 
     async def _on_lock_timer(self) -> None:
         if not self._timer_renews:
@@ -427,12 +522,20 @@ class SessionActor:
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._service, name=f"session {self.session_id} service")
+                self._nursery = nursery
+                self._context = contextvars.copy_context()
+                schedule = hooks.schedule_lock_timer
+                if schedule is None:
+                    self._start_service()
+                else:
+                    schedule(self, self._timer_at)
                 with self._lock_scope:
                     with self._grace_scope:
                         if await self._initialize():
                             await self._work()
-                    await self._give_back(list(self._buffer))
+                    if self._grace_scope.cancelled_caught and not self._draining:
+                        self._close_reason = "idle"  # the inline loop's idle clock fired
+                    await self._give_back(self._buffer[::-1])
                     self._buffer.clear()
                     await self._call_closing()
                 if self._lock_scope.cancelled_caught and self._lock_lost is None:
@@ -450,7 +553,7 @@ class SessionActor:
                     await hooks.report(
                         self._lock_lost, self._lock_lost_source, self.session_id, False
                     )
-                self._requests_tx.close()
+                self._close_requests()
         except BaseException as exc:
             cancelled = isinstance(exc, trio.Cancelled) or (
                 isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[0] is not None
@@ -458,7 +561,7 @@ class SessionActor:
             self._close_reason = "cancelled" if cancelled else "failed"
             raise
         finally:
-            self._requests_tx.close()
+            self._close_requests()
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
@@ -485,6 +588,12 @@ class SessionActor:
             on_exit(self)
             self.done.set()
 
+    def _close_requests(self) -> None:
+        """No more commands: the service task (if any) ends once it has done those sent."""
+        self._nursery = None  # and no service task from now on
+        if self._requests_tx is not None:
+            self._requests_tx.close()
+
     async def _initialize(self) -> bool:
         callback = self._hooks.session_initializing
         if callback is None:
@@ -501,7 +610,7 @@ class SessionActor:
         callback = self._hooks.session_closing
         if callback is None:
             return
-        with trio.CancelScope(deadline=self._grace_scope.deadline):
+        with trio.CancelScope(deadline=self._grace_deadline):
             try:
                 await callback(self.context)
             except Exception as exc:
@@ -520,10 +629,34 @@ class SessionActor:
         if hooks.process_session is not None:
             await self._run_session(hooks.process_session)
         elif self._options.max_concurrent_calls_per_session == 1:
-            while (message := await self._next_message()) is not None:
-                await self._handle(message)
+            await self._run_inline()
         else:
             await self._run_concurrent()
+
+    async def _run_inline(self) -> None:
+        """Receive and handle one message at a time, in this task.
+
+        The grace scope around this loop doubles as the idle clock of every wait (issue
+        #8: a scope per message was a main cost, and each live scope costs memory):
+        `_receive_within` moves its deadline to the idle deadline around each wait and
+        back to the grace deadline, so handler time never counts as idle. When either
+        fires, the work ends the same way: out of the grace scope, to give back and close.
+        This loop is `_next_message` unrolled: each coroutine layer costs per message.
+        """
+        grace = self._idle_scope = self._grace_scope
+        max_count = 1 + self._options.prefetch_count
+        try:
+            while not self._draining:
+                if not self._buffer:
+                    batch = await self._receive_within(grace, max_count, idle=True)
+                    if not batch:
+                        return
+                    self._buffer = batch[::-1]
+                    if self.released():  # released while the batch arrived: given back
+                        return
+                await self._handle(self._buffer.pop())
+        finally:
+            self._idle_scope = None
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -547,49 +680,66 @@ class SessionActor:
     async def _receive(self, max_count: int, idle: bool) -> list[ReceivedMessage] | None:
         """Receive up to ``max_count`` messages; None when idle or released.
 
+        In the inline loop the idle clock is the grace scope (see `_run_inline`), which
+        raises `trio.Cancelled` out of here when it fires; elsewhere each wait has a
+        scope of its own.
+        """
+        held = self._idle_scope
+        if held is not None:
+            return await self._receive_within(held, max_count, idle)
+        with trio.CancelScope() as scope:
+            return await self._receive_within(scope, max_count, idle)
+        if not self._draining:
+            self._close_reason = "idle"
+        return None  # the wait ran idle
+
+    async def _receive_within(
+        self, scope: trio.CancelScope, max_count: int, idle: bool
+    ) -> list[ReceivedMessage] | None:
+        """Receive with ``scope`` as the idle clock; None when released or failed.
+
         The idle clock runs only when ``idle`` (nothing in flight or buffered); transient
-        errors are reported and retried with backoff, within the same scope.
+        errors are reported and retried with backoff, each attempt with a fresh idle
+        deadline. When the idle deadline passes, ``scope`` is cancelled.
         """
         while not self._draining:
             timeout = self._options.session_idle_timeout if idle else math.inf
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                self._receive_scope = scope
-                try:
-                    batch = await self._link.receive(max_count)
-                except SessionLockLostError as exc:
-                    await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
-                except TRANSIENT_ERRORS as exc:
-                    await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    await trio.sleep(self._options.retry.delay(self._receive_attempt))
-                    self._receive_attempt += 1
-                    continue
-                except Exception as exc:
-                    # Not retryable: report it and give the session back.
-                    await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    self.release("receive failed")
-                    return None
-                self._receive_attempt = 0
-                self._received(batch)
-                return batch
-            self._receive_scope = None
-            if scope.cancelled_caught:
-                if not self._draining:
-                    self._close_reason = "idle"
+            scope.deadline = min(trio.current_time() + timeout, self._grace_deadline)
+            self._receive_scope = scope
+            try:
+                batch = await self._link.receive(max_count)
+            except SessionLockLostError as exc:
+                await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
+            except TRANSIENT_ERRORS as exc:
+                await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+                await trio.sleep(self._options.retry.delay(self._receive_attempt))
+                self._receive_attempt += 1
+                continue
+            except Exception as exc:
+                # Not retryable: report it and give the session back.
+                await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+                self.release("receive failed")
                 return None
+            finally:
+                self._receive_scope = None
+                scope.deadline = self._grace_deadline
+            self._receive_attempt = 0
+            self._received(batch)
+            return batch
         return None
 
     async def _next_message(self) -> ReceivedMessage | None:
-        """The next message for the inline handler or the actor form; None ends the session."""
+        """The next message for the actor form; None ends the session."""
         if self._draining:
             return None
         if not self._buffer:
             batch = await self._receive(1 + self._options.prefetch_count, idle=True)
             if not batch:
                 return None
-            self._buffer.extend(batch)
+            self._buffer = batch[::-1]
             if self.released():  # released while the batch arrived: it is given back
                 return None
-        return self._buffer.popleft()
+        return self._buffer.pop()
 
     # -- handling ------------------------------------------------------------------------------
 
@@ -600,12 +750,27 @@ class SessionActor:
         token = message.lock_token or ""
         if self._open.pop(token, None) is None:
             return
-        try:
-            await self._request("settle", settlement)
-        except SessionLockLostError:
-            await trio.sleep_forever()  # noted by the service task; the lock scope is cancelled
-        except Exception as exc:
-            await self._hooks.report(exc, _settle_source(settlement), self.session_id, False)
+        error: BaseException | None
+        if self._settle_inline:
+            # The task that receives settles too: no command, no hop to the service task,
+            # no event to wait on (issue #8); the link sees one caller at a time as before.
+            results = await self._settle_batch([settlement])
+            if logger.isEnabledFor(logging.DEBUG):
+                self._log_settled([settlement], results)
+            (error,) = results
+            self._count_settled([settlement], results)
+        else:
+            # Several workers: the service task serialises their settlements, in batches.
+            try:
+                await self._request("settle", settlement)
+            except Exception as exc:
+                error = exc
+            else:
+                error = None
+        if isinstance(error, SessionLockLostError):
+            await trio.sleep_forever()  # noted; the lock scope is cancelled
+        elif error is not None:
+            await self._hooks.report(error, _settle_source(settlement), self.session_id, False)
 
     async def _handle(self, message: ReceivedMessage) -> None:
         callback = self._hooks.process_message
@@ -640,7 +805,7 @@ class SessionActor:
         for message in messages:
             if self._open.pop(message.lock_token or "", None) is not None:
                 request = _Request("settle", Abandon(message))
-                await self._requests_tx.send(request)
+                await self._send_request(request)
                 requests.append(request)
         for request in requests:
             await request.done.wait()
@@ -659,8 +824,8 @@ class SessionActor:
                 while not self._draining:
                     free = capacity - self._busy
                     if free == 0:
-                        await self._wake_pump.wait()
-                        self._wake_pump = trio.Event()
+                        self._wake_pump = wake = trio.Event()
+                        await wake.wait()
                         continue
                     batch = await self._receive(free, idle=self._busy == 0)
                     if batch is None:  # idle (only when nothing is busy), released, or failed
@@ -681,7 +846,8 @@ class SessionActor:
                         await self._handle(message)
                 finally:
                     self._busy -= 1
-                    self._wake_pump.set()
+                    if self._wake_pump is not None:
+                        self._wake_pump.set()
                     if self._busy == 0 and self._receive_scope is not None:
                         # Nothing in flight: the idle clock starts now.
                         self._receive_scope.deadline = (

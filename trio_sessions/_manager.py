@@ -39,6 +39,7 @@ from ._messages import EntityPath
 from ._options import ReceiveMode, SessionManagerOptions
 from ._otel import telemetry_for
 from ._redact import Redacted, library_logger
+from ._renewal import LockTimers
 from ._stats import Counters, ManagerStats
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ class SessionManager:
         self._not_running = trio.Event()
         self._not_running.set()
         self._accept_scope: trio.CancelScope | None = None
+        self._accepting = False
+        self._timers = LockTimers()
         self._fatal: BaseException | None = None
         self._process_error: ErrorHandler | None = None
         self._rng = random.Random()
@@ -233,6 +236,7 @@ class SessionManager:
         self._process_error = process_error
         # Decided once per run: OpenTelemetry set up after subscribe* started is not seen.
         telemetry = telemetry_for(self._entity, self._backend)
+        timers = self._timers = LockTimers()
         hooks = ActorHooks(
             options=self._options,
             receive_mode=self._receive_mode,
@@ -240,10 +244,13 @@ class SessionManager:
             counters=self._counters,
             report=self._report if telemetry is None else telemetry.traced_report(self._report),
             telemetry=telemetry,
+            schedule_lock_timer=timers.schedule,
             **callbacks,
         )
         try:
             async with trio.open_nursery() as supervisor:
+                supervisor.start_soon(timers.run, name="lock timers")
+                self._accepting = True
                 limiter = trio.CapacityLimiter(self._options.max_concurrent_sessions)
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
@@ -274,7 +281,11 @@ class SessionManager:
                                     name=f"acceptor {sid}",
                                 )
                 self._accept_scope = None
+                self._accepting = False
+                if self._counters.active_sessions == 0:
+                    timers.finish()
         finally:
+            self._accepting = False
             self._running = False
             self._not_running.set()
         if self._fatal is not None:
@@ -343,6 +354,8 @@ class SessionManager:
             if self._actors.get(sid) is done:
                 del self._actors[sid]
             limiter.release_on_behalf_of(borrower)
+            if not self._accepting and counters.active_sessions == 0:
+                self._timers.finish()  # accepting is over and this was the last actor
 
         supervisor.start_soon(actor.run, on_exit, name=f"session {sid}")
         if self._stopped:

@@ -793,7 +793,10 @@ class MemoryBroker:
         )
 
     def _new_token(self) -> str:
-        return str(uuid.UUID(int=next(self._tokens) & ((1 << 128) - 1)))
+        # str(uuid.UUID(int=...)), formatted directly: building a UUID object for every
+        # received message was a measurable part of a receive (issue #8).
+        h = f"{next(self._tokens) & ((1 << 128) - 1):032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     # -- fault injection -----------------------------------------------------------------
 
