@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from .._messages import Abandon, Complete, DeadLetter, Defer
 from .._options import ReceiveMode
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from .._errors import SessionLockLostError
     from .._messages import EntityPath, Message, ReceivedMessage, Settlement
 
-__all__ = ["Backend", "SessionLink"]
+__all__ = ["Backend", "SessionLink", "SingleSettlements"]
 
 
 class SessionLink(Protocol):
@@ -118,3 +119,33 @@ class Backend(Protocol):
     async def send(self, entity: str, messages: Message | Sequence[Message]) -> None:
         """Send one message, or a list as one batch, to a queue or topic."""
         ...
+
+
+class SingleSettlements:
+    """`SessionLink`'s one-message settle methods, for links that settle one at a time.
+
+    A link subclasses it and defines ``_settle_single``; ``complete``, ``abandon``,
+    ``dead_letter`` and ``defer`` each make one `Settlement` of it.
+    """
+
+    __slots__ = ()
+
+    async def _settle_single(self, settlement: Settlement) -> None:
+        raise NotImplementedError
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Complete(message))
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Abandon(message))
+
+    async def dead_letter(
+        self,
+        message: ReceivedMessage,
+        reason: str | None = None,
+        error_description: str | None = None,
+    ) -> None:
+        await self._settle_single(DeadLetter(message, reason, error_description))
+
+    async def defer(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Defer(message))

@@ -44,8 +44,9 @@ from .._errors import (
     SessionsError,
     SessionsNotEnabledError,
 )
-from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Message, ReceivedMessage
+from .._messages import Abandon, Complete, DeadLetter, EntityPath, Message, ReceivedMessage
 from .._options import ReceiveMode
+from ._abc import SingleSettlements
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -718,7 +719,7 @@ async def _settle_all(
 
 
 @final
-class AzureSessionLink:
+class AzureSessionLink(SingleSettlements):
     """One accepted session: an SDK session receiver, used by one task at a time."""
 
     def __init__(
@@ -836,23 +837,6 @@ class AzureSessionLink:
         (error,) = await self.settle([settlement])
         if error is not None:
             raise error
-
-    async def complete(self, message: ReceivedMessage) -> None:
-        await self._settle_single(Complete(message))
-
-    async def abandon(self, message: ReceivedMessage) -> None:
-        await self._settle_single(Abandon(message))
-
-    async def dead_letter(
-        self,
-        message: ReceivedMessage,
-        reason: str | None = None,
-        error_description: str | None = None,
-    ) -> None:
-        await self._settle_single(DeadLetter(message, reason, error_description))
-
-    async def defer(self, message: ReceivedMessage) -> None:
-        await self._settle_single(Defer(message))
 
     async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
         """Receive deferred messages by sequence number (`MessageNotFoundError` if unknown)."""

@@ -45,13 +45,13 @@ from .._messages import (
     Abandon,
     Complete,
     DeadLetter,
-    Defer,
     EntityPath,
     Message,
     ReceivedMessage,
     Settlement,
 )
 from .._options import ReceiveMode
+from ._abc import SingleSettlements
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -969,7 +969,7 @@ class MemoryBroker:
         return sorted(sid for sid, s in target.sessions.items() if s.link is not None)
 
 
-class MemorySessionLink:
+class MemorySessionLink(SingleSettlements):
     """One session of a `MemoryBroker`, locked by its receiver until `aclose` or expiry."""
 
     def __init__(
@@ -1115,23 +1115,6 @@ class MemorySessionLink:
     async def _settle_single(self, settlement: Settlement) -> None:
         await trio.lowlevel.checkpoint()
         self._settle_one(settlement)
-
-    async def complete(self, message: ReceivedMessage) -> None:
-        await self._settle_single(Complete(message))
-
-    async def abandon(self, message: ReceivedMessage) -> None:
-        await self._settle_single(Abandon(message))
-
-    async def dead_letter(
-        self,
-        message: ReceivedMessage,
-        reason: str | None = None,
-        error_description: str | None = None,
-    ) -> None:
-        await self._settle_single(DeadLetter(message, reason, error_description))
-
-    async def defer(self, message: ReceivedMessage) -> None:
-        await self._settle_single(Defer(message))
 
     async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
         await trio.lowlevel.checkpoint()
