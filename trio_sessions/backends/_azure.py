@@ -299,6 +299,12 @@ def _translate_sdk_errors() -> Iterator[None]:
 # --------------------------------------------------------------------------------- bridge
 
 
+def _not_open() -> RuntimeError:
+    return RuntimeError(
+        "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
+    )
+
+
 class _Preempted(Exception):
     """A preemptible SDK call was stopped early to let another call on its receiver in."""
 
@@ -551,26 +557,18 @@ class AzureServiceBus:
 
     async def _call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run an asyncio function in the backend's loop: the one bridge crossing."""
-        if self._loop is None:
-            raise RuntimeError(
-                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
-            )
         with _translate_sdk_errors():
-            return await _Call(self._loop, fn, *args, **kwargs).result()
+            return await self._start(fn, *args, **kwargs).result()
 
     def _start(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> _Call[T]:
         """Start a call that can be preempted; await its `_Call.result` inside `_translate`."""
         if self._loop is None:
-            raise RuntimeError(
-                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
-            )
+            raise _not_open()
         return _Call(self._loop, fn, *args, **kwargs)
 
     def _require_client(self) -> ServiceBusClient:
         if self._client is None:
-            raise RuntimeError(
-                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
-            )
+            raise _not_open()
         return self._client
 
     # -- Backend ---------------------------------------------------------------------------
