@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 
-from trio_sessions import MemoryBroker, Message
+from trio_sessions import (
+    ErrorContext,
+    ErrorSource,
+    MemoryBroker,
+    Message,
+    ServiceBusConnectionError,
+    SessionLockLostError,
+)
 from trio_sessions._chaos import (
     BrokerState,
     Call,
@@ -15,6 +23,7 @@ from trio_sessions._chaos import (
     History,
     HistoryWriter,
     Outcome,
+    Recorder,
     check_history,
     read_history,
 )
@@ -147,6 +156,7 @@ def test_unexplained_duplicates_are_violations() -> None:
     [
         (Fault(kind="expire_lock", time=1.5, session_id="s1"), True),
         (Fault(kind="lock_lost", time=1.5, process="p1", session_id="s1"), True),
+        (Fault(kind="complete_failed", time=1.5, process="p1", session_id="s1"), True),
         (Fault(kind="kill", time=1.5, process="p1"), True),
         (Fault(kind="cut_connections", time=1.5), True),
         (Fault(kind="expire_lock", time=1.5, session_id="s2"), False),  # another session
@@ -176,12 +186,13 @@ def test_double_completion_in_the_broker_is_unexplained() -> None:
 
 
 def test_faults_are_counted_by_kind_without_observed_losses() -> None:
-    """The report counts injected faults by kind; lock losses a worker saw are not injected."""
+    """The report counts injected faults by kind, not those a worker observed."""
     faults = [
         Fault(kind="kill", time=1, process="p1"),
         Fault(kind="kill", time=2, process="p2"),
         Fault(kind="cut_connections", time=3),
         Fault(kind="lock_lost", time=3, process="p1", session_id="s1"),
+        Fault(kind="complete_failed", time=3, process="p1", session_id="s1"),
     ]
     summary = check_history(History(clean_calls(), faults), SENT, ALL_DONE).summary()
     assert summary["faults"] == {"cut_connections": 1, "kill": 2}
@@ -243,3 +254,34 @@ async def test_broker_state_reads_the_memory_broker() -> None:
     assert state == BrokerState(
         completed=("m0",), dead_lettered=frozenset({"m1"}), active=frozenset({"m2"})
     )
+
+
+async def test_recorder_writes_calls_and_observed_faults(tmp_path: Path) -> None:
+    """A Recorder with a writer puts each call and each observed lock loss in the JSONL file."""
+    broker = MemoryBroker(record_completed=True)
+    broker.create_queue("q")
+    await broker.send("q", Message(b"", session_id="s1", message_id="m1"))
+    path = tmp_path / "p1.jsonl"
+    with path.open("w", encoding="utf-8") as file:
+        recorder = Recorder("p1", writer=HistoryWriter(file, "p1"), clock=lambda: 7.0)
+        link = await broker.accept_session(EntityPath(queue_name="q"), "s1")
+        (message,) = await link.receive(1)
+        await recorder.process_message(message, _Context("s1"))  # type: ignore[arg-type]
+        for error, source in [
+            (SessionLockLostError("lost"), ErrorSource.RENEW_LOCK),
+            (ServiceBusConnectionError("cut"), ErrorSource.COMPLETE),
+            (ServiceBusConnectionError("cut"), ErrorSource.RECEIVE),  # not recorded
+        ]:
+            await recorder.process_error(
+                ErrorContext(error=error, source=source, session_id="s1", entity_path="q")
+            )
+        await link.aclose()
+    history = read_history([path])
+    assert history == recorder.history
+    assert [c.outcome for c in history.calls] == [Outcome.OK]
+    assert [f.kind for f in history.faults] == ["lock_lost", "complete_failed"]
+
+
+@attrs.define
+class _Context:
+    session_id: str

@@ -15,9 +15,11 @@ from ._checker import Overlap as Overlap
 from ._checker import Report as Report
 from ._checker import check_history as check_history
 from ._history import LOCK_LOSS_FAULTS as LOCK_LOSS_FAULTS
+from ._history import OBSERVED_FAULTS as OBSERVED_FAULTS
 from ._history import Call as Call
 from ._history import Fault as Fault
 from ._history import History as History
 from ._history import HistoryWriter as HistoryWriter
 from ._history import Outcome as Outcome
 from ._history import read_history as read_history
+from ._recorder import Recorder as Recorder

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._history import LOCK_LOSS_FAULTS, Call, Fault, History, Outcome
+from ._history import LOCK_LOSS_FAULTS, OBSERVED_FAULTS, Call, Fault, History, Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -153,7 +153,7 @@ def check_history(history: History, sent: Mapping[str, str], final: BrokerState)
         duplicates=tuple(_duplicates(calls_of, history.faults, final.completed)),
         overlaps=tuple(_overlaps(history.calls, history.faults)),
         order_violations=tuple(_order_violations(calls_of)),
-        faults=Counter(f.kind for f in history.faults if f.kind != "lock_lost"),
+        faults=Counter(f.kind for f in history.faults if f.kind not in OBSERVED_FAULTS),
     )
 
 

@@ -32,10 +32,15 @@ class Outcome(enum.Enum):
     KILLED = "killed"
 
 
-#: Fault kinds that take a session lock away from its holder: only these explain a
-#: duplicate. ``lock_lost`` is a loss the worker observed (``process_error`` was given a
-#: `SessionLockLostError`); the others are injected.
-LOCK_LOSS_FAULTS = frozenset({"expire_lock", "kill", "cut_connections", "lock_lost"})
+#: Faults a worker observed rather than the orchestrator injected: ``lock_lost``
+#: (``process_error`` was given a `SessionLockLostError`) and ``complete_failed`` (a
+#: transient error failed an auto-complete; the message stays locked, unsettled, until its
+#: session closes, and then comes back, as on Service Bus).
+OBSERVED_FAULTS = frozenset({"lock_lost", "complete_failed"})
+
+#: Fault kinds that explain a duplicate: those that take a session lock away from its
+#: holder, and a failed complete.
+LOCK_LOSS_FAULTS = frozenset({"expire_lock", "kill", "cut_connections", *OBSERVED_FAULTS})
 
 
 @attrs.frozen(kw_only=True)
