@@ -3,11 +3,13 @@
 Hypothesis draws a plan: sessions and messages, manager options, how many managers
 ("processes") share the queue, what each message's first handler call does (return,
 raise, run slow, hang past the lock), and a timed schedule of faults: session locks
-expired through the broker, transient broker errors (``fail_next``) and managers
-stopped and restarted. The run goes on the MockClock, so an example takes milliseconds;
-the history checker then asserts that nothing was lost, no two calls of a session
-overlapped, first deliveries kept send order and every duplicate has a lock loss (or a
-failed complete) behind it.
+expired through the broker, transient broker errors (``fail_next``), and managers
+stopped and restarted or cancelled at once (a crash). The run goes on the MockClock,
+so an example takes milliseconds; the history checker then asserts that nothing was
+lost, no two calls of a session overlapped, first deliveries kept send order and every
+duplicate has a lock loss (or a failed complete) behind it.
+
+``pytest --hypothesis-show-statistics`` shows how often each fault struck.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import attrs
 import hypothesis.strategies as st
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 
 from trio_sessions import (
     MemoryBroker,
@@ -55,7 +57,7 @@ class Plan:
     options: SessionManagerOptions
     managers: int
     messages: list[tuple[str, str]]  # (session id, first-delivery behaviour), in send order
-    faults: list[tuple[float, str, int]]  # (time, kind, argument), kind: expire/error/restart
+    faults: list[tuple[float, str, int]]  # (time, kind, argument): expire/error/restart/crash
 
 
 @st.composite
@@ -85,7 +87,7 @@ def plans(draw: st.DrawFn) -> Plan:
         st.lists(
             st.tuples(
                 st.floats(0, 60, allow_nan=False),
-                st.sampled_from(["expire", "error", "restart"]),
+                st.sampled_from(["expire", "error", "restart", "crash"]),
                 st.integers(0, 1000),
             ),
             max_size=12,
@@ -112,18 +114,22 @@ async def run(plan: Plan) -> None:
 
     managers: dict[int, SessionManager] = {}
     stopped: dict[int, trio.Event] = {}
+    scopes: dict[int, trio.CancelScope] = {}
 
     async def run_manager(index: int, *, task_status: trio.TaskStatus[None]) -> None:  # noqa: ASYNC128
         stopped[index] = trio.Event()
         recorder = Recorder(f"p{index}", history, behave)
         try:
-            async with open_session_manager(broker, queue_name=Q, options=plan.options) as manager:
-                managers[index] = manager
-                await manager.subscribe(
-                    recorder.process_message,
-                    process_error=recorder.process_error,
-                    task_status=task_status,
-                )
+            with trio.CancelScope() as scopes[index]:
+                async with open_session_manager(
+                    broker, queue_name=Q, options=plan.options
+                ) as manager:
+                    managers[index] = manager
+                    await manager.subscribe(
+                        recorder.process_message,
+                        process_error=recorder.process_error,
+                        task_status=task_status,
+                    )
         finally:
             stopped[index].set()
 
@@ -157,10 +163,17 @@ async def run(plan: Plan) -> None:
                     broker.fail_next(operation, error)
                     history.faults.append(Fault(kind=f"error:{operation}", time=now))
                 else:
+                    # restart: stop() drains; crash: cancelled at once, as near to a
+                    # SIGKILL as one process gets (its sessions are closed, not left to
+                    # expire, and handlers that returned may not have been completed).
                     index = arg % plan.managers
-                    managers[index].stop()
+                    if kind == "restart":
+                        managers[index].stop()
+                    else:
+                        scopes[index].cancel()
                     await stopped[index].wait()
-                    history.faults.append(Fault(kind="restart", time=now, process=f"p{index}"))
+                    fault = "restart" if kind == "restart" else "kill"
+                    history.faults.append(Fault(kind=fault, time=now, process=f"p{index}"))
                     await nursery.start(run_manager, index)
             if later:
                 await broker.send(Q, later)
@@ -169,6 +182,10 @@ async def run(plan: Plan) -> None:
                 manager.stop()
 
     report = check_history(history, sent, BrokerState.of(broker, Q))
+    for kind in report.faults:
+        event(f"fault: {kind}")
+    for cause in report.summary()["duplicate_causes"]:
+        event(f"duplicate explained by {cause}")
     assert report.lost == ()
     assert report.overlaps == ()
     assert report.order_violations == ()
