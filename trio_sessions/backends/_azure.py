@@ -1,58 +1,767 @@
 """The Azure Service Bus backend: the real asyncio SDK, bridged with trio-asyncio.
 
-This is the only module that imports asyncio, trio_asyncio or azure.servicebus.
+This is the only module that imports asyncio, trio_asyncio or azure.servicebus (the
+package imports it lazily, so ``import trio_sessions`` stays asyncio-free).
 
-Status: the bridge itself is tracked by the "Azure backend" issue and is not written
-yet; constructing the class works (so configuration can be checked), entering it raises
-`NotImplementedError` naming that issue.
+Every crossing into asyncio goes through one chokepoint, `AzureServiceBus._call`, which
+also translates the SDK's exceptions into ours (`_SDK_ERRORS`, most specific first; the
+SDK exception stays reachable as ``__cause__``). SDK objects never leave this module
+except as `ReceivedMessage.raw`.
+
+One receiver per accepted session, used by one task at a time: each `AzureSessionLink`
+serialises its SDK calls behind a Trio lock, and a waiting receive gives that lock up
+every `RECEIVE_SLICE` seconds so that settlements and renewals get their turn. A batch of
+settlements crosses the bridge once.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+import contextlib
+import datetime as dt
+import re
+import urllib.parse
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final
+
+import trio
+import trio_asyncio
+from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusReceiveMode
+from azure.servicebus import exceptions as sdk_errors
+from azure.servicebus.aio import ServiceBusClient
+
+from .._errors import (
+    AuthenticationError,
+    EntityNotFoundError,
+    MessageAlreadySettledError,
+    MessageLockLostError,
+    MessageNotFoundError,
+    OperationTimeoutError,
+    ServiceBusConnectionError,
+    SessionCannotBeLockedError,
+    SessionLockLostError,
+    SessionsError,
+    SessionsNotEnabledError,
+)
+from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Message, ReceivedMessage
+from .._options import ReceiveMode
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
+    from contextlib import AsyncExitStack
     from types import TracebackType
 
-__all__ = ["AzureServiceBus"]
+    from azure.servicebus.aio import ServiceBusReceiver, ServiceBusSender
+
+    from .._messages import Settlement
+
+__all__ = ["AzureServiceBus", "AzureSessionLink", "parse_connection_string"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Longest single SDK receive call: a waiting receive gives the link's lock up this
+#: often, so that settlements and renewals queued behind it wait at most this long.
+RECEIVE_SLICE = 1.0
+#: How long closing a receiver or sender may take when it is shielded; also how long a
+#: cancelled SDK call may take to end.
+CLOSE_TIMEOUT = 10.0
+#: How long a cancelled SDK call may go on before it is cancelled again (see `_run_in_loop`):
+#: long enough for the SDK's own cleanup on cancellation, which a second cancel would cut.
+_CANCEL_AGAIN_AFTER = 1.0
+
+#: SDK exception → ours, most specific first (the first isinstance match wins).
+_SDK_ERRORS: tuple[tuple[type[BaseException], type[SessionsError]], ...] = (
+    (sdk_errors.SessionLockLostError, SessionLockLostError),
+    (sdk_errors.MessageLockLostError, MessageLockLostError),
+    (sdk_errors.MessageAlreadySettled, MessageAlreadySettledError),
+    (sdk_errors.MessageNotFoundError, MessageNotFoundError),
+    (sdk_errors.SessionCannotBeLockedError, SessionCannotBeLockedError),
+    (sdk_errors.MessagingEntityNotFoundError, EntityNotFoundError),
+    (sdk_errors.MessagingEntityDisabledError, EntityNotFoundError),
+    (sdk_errors.ServiceBusAuthenticationError, AuthenticationError),
+    (sdk_errors.ServiceBusAuthorizationError, AuthenticationError),
+    (sdk_errors.OperationTimeoutError, OperationTimeoutError),
+    (sdk_errors.ServiceBusConnectionError, ServiceBusConnectionError),
+    (sdk_errors.ServiceBusCommunicationError, ServiceBusConnectionError),
+    (sdk_errors.ServiceBusServerBusyError, ServiceBusConnectionError),
+)
+
+#: How Service Bus (and the emulator) word a session receiver on an entity without
+#: sessions; the SDK raises a plain ServiceBusError for it.
+_SESSIONS_NOT_ENABLED = re.compile(
+    r"does not require sessions|doesn't require sessions|not session-?enabled"
+    r"|session.{0,40}(?:not (?:enabled|supported)|non-?session)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
+# ------------------------------------------------------------------------- connection strings
+
+
+def parse_connection_string(conn_str: object) -> dict[str, str]:
+    """Check a Service Bus connection string and return its parts.
+
+    Accepts ``Endpoint=sb://<host>/;SharedAccessKeyName=<policy>;SharedAccessKey=<key>``
+    or ``Endpoint=...;SharedAccessSignature=SharedAccessSignature sr=...``, with optional
+    ``EntityPath=`` and ``UseDevelopmentEmulator=true``. The returned ``"host"`` is the
+    endpoint's host (and port, if any).
+
+    Raises:
+        TypeError: ``conn_str`` is not a str.
+        ValueError: a part is missing or malformed; the message names it, and never
+            repeats a key or signature.
+    """
+    if not isinstance(conn_str, str):
+        raise TypeError(f"the connection string must be a str, not {type(conn_str).__name__}")
+    expected = (
+        "expected 'Endpoint=sb://<namespace>.servicebus.windows.net/;"
+        "SharedAccessKeyName=<policy>;SharedAccessKey=<key>'"
+    )
+    if not conn_str.strip():
+        raise ValueError(f"the connection string is empty; {expected}")
+    parts: dict[str, str] = {}
+    for raw in conn_str.split(";"):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            shown = name.strip()[:20]
+            raise ValueError(
+                f"the connection string has a part without 'name=value' ({shown!r}...); {expected}"
+            )
+        parts[name.strip().lower()] = value.strip()
+    endpoint = parts.get("endpoint")
+    if not endpoint:
+        raise ValueError(f"the connection string has no Endpoint part; {expected}")
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme.lower() != "sb" or not url.hostname:
+        raise ValueError(
+            f"the connection string's Endpoint must look like 'sb://<host>/', got {endpoint!r}"
+        )
+    signature = parts.get("sharedaccesssignature")
+    key_name = parts.get("sharedaccesskeyname")
+    key = parts.get("sharedaccesskey")
+    if signature is None:
+        if not key_name:
+            raise ValueError(
+                "the connection string has no SharedAccessKeyName part (the name of a "
+                f"shared access policy with Listen and Send claims); {expected}"
+            )
+        if not key:
+            raise ValueError(f"the connection string has no SharedAccessKey part; {expected}")
+    elif not signature:
+        raise ValueError("the connection string's SharedAccessSignature part is empty")
+    emulator = parts.get("usedevelopmentemulator", "false").lower()
+    if emulator not in ("true", "false"):
+        raise ValueError(
+            "the connection string's UseDevelopmentEmulator must be 'true' or 'false', "
+            f"got {parts['usedevelopmentemulator']!r}"
+        )
+    host = url.hostname if url.port is None else f"{url.hostname}:{url.port}"
+    return {**parts, "host": host}
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _trio_time(moment: dt.datetime | None) -> float:
+    """A UTC datetime from the SDK as a Trio-clock time."""
+    if moment is None:
+        return trio.current_time()
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return trio.current_time() + (moment - dt.datetime.now(dt.UTC)).total_seconds()
+
+
+def _aware(moment: dt.datetime | None) -> dt.datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=dt.UTC)
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _body_bytes(message: Any) -> bytes:
+    body = message.body
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    if body is None:
+        return b""
+    try:
+        chunks = list(body)
+    except TypeError:
+        return str(body).encode("utf-8")
+    if all(isinstance(chunk, bytes | bytearray) for chunk in chunks):
+        return b"".join(chunks)
+    return str(chunks).encode("utf-8")
+
+
+def _property_value(value: object) -> object:
+    # pyamqp decodes AMQP strings (and symbols) as bytes; give str back, as the MemoryBroker
+    # does, unless the bytes are not text (then they were binary on the wire).
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def _message_from_sdk(message: Any, locked_until: dt.datetime | None) -> ReceivedMessage:
+    """The SDK's ServiceBusReceivedMessage as our ReceivedMessage (kept as ``raw``)."""
+    properties = {
+        (key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)): (
+            _property_value(value)
+        )
+        for key, value in (message.application_properties or {}).items()
+    }
+    token = message.lock_token
+    enqueued = _aware(message.enqueued_time_utc) or dt.datetime.now(dt.UTC)
+    return ReceivedMessage(
+        body=_body_bytes(message),
+        session_id=_text(message.session_id),
+        message_id=_text(message.message_id),
+        sequence_number=int(message.sequence_number or 0),
+        delivery_count=int(message.delivery_count or 0),
+        enqueued_time=enqueued,
+        locked_until=_aware(message.locked_until_utc) or (locked_until if token else None),
+        lock_token=None if token is None else str(token),
+        application_properties=properties,
+        content_type=_text(message.content_type),
+        correlation_id=_text(message.correlation_id),
+        subject=_text(message.subject),
+        dead_letter_reason=_text(message.dead_letter_reason),
+        dead_letter_error_description=_text(message.dead_letter_error_description),
+        raw=message,
+    )
+
+
+def _message_to_sdk(message: Message) -> ServiceBusMessage:
+    return ServiceBusMessage(
+        message.body,
+        session_id=message.session_id,
+        message_id=message.message_id,
+        application_properties=message.application_properties,  # type: ignore[arg-type]
+        content_type=message.content_type,
+        correlation_id=message.correlation_id,
+        subject=message.subject,
+        time_to_live=(
+            None if message.time_to_live is None else dt.timedelta(seconds=message.time_to_live)
+        ),
+    )
+
+
+@contextlib.contextmanager
+def _translate_sdk_errors() -> Iterator[None]:
+    """Raise ours for the SDK's exceptions (``raise Ours(str(exc)) from exc``)."""
+    try:
+        yield
+    except sdk_errors.ServiceBusError as exc:
+        for sdk_type, ours in _SDK_ERRORS:
+            if isinstance(exc, sdk_type):
+                raise ours(str(exc)) from exc
+        if _SESSIONS_NOT_ENABLED.search(str(exc)):
+            raise SessionsNotEnabledError(str(exc)) from exc
+        raise
+    except sdk_errors.MessageAlreadySettled as exc:
+        raise MessageAlreadySettledError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------- bridge
+
+
+async def _run_in_loop(
+    loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run ``await fn(*args, **kwargs)`` as an asyncio task in ``loop``; wait for it in Trio.
+
+    This is trio-asyncio's ``aio_as_trio`` with one difference, on cancellation: the SDK
+    awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can swallow a
+    cancellation that races its own timeout, so one ``Task.cancel()`` (all trio-asyncio
+    sends) sometimes does not stop the call. Here the task is cancelled again until it
+    ends, within `CLOSE_TIMEOUT`; then `trio.Cancelled` propagates.
+    """
+
+    async def call() -> T:
+        return await fn(*args, **kwargs)
+
+    task = asyncio.ensure_future(call(), loop=loop)
+    done = trio.Event()
+    task.add_done_callback(lambda _: done.set())
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
+            while not task.done():
+                task.cancel()
+                with trio.move_on_after(_CANCEL_AGAIN_AFTER):
+                    await done.wait()
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: asyncio must not log it as never retrieved
+        raise
+    return task.result()
+
+
+def _track_amqp_clients(handler: Any) -> list[Any]:
+    """Remember each pyamqp client that ``handler`` creates (see `_close_stranded_connections`)."""
+    created: list[Any] = []
+    create = handler._create_handler
+
+    def tracking_create(*args: Any, **kwargs: Any) -> None:
+        create(*args, **kwargs)
+        created.append(handler._handler)
+
+    handler._create_handler = tracking_create
+    return created
+
+
+async def _close_stranded_connections(clients: list[Any]) -> None:
+    """Close the sockets the SDK strands when an open is cancelled (runs in asyncio).
+
+    Workaround: pyamqp's ``AMQPClientAsync.close_async`` returns at once when it has no
+    AMQP session yet (``if not self._session: return``), so an open cancelled while it
+    connects leaves its TCP connection open until garbage collection.
+    """
+    for client in clients:
+        connection = getattr(client, "_connection", None)
+        if connection is not None and getattr(client, "_session", None) is None:
+            await connection.close()
+
+
+# ------------------------------------------------------------------------------- backend
+
+
+@final
 class AzureServiceBus:
-    """Azure Service Bus through the ``azure-servicebus`` asyncio SDK (not implemented yet)."""
+    """Azure Service Bus through the ``azure-servicebus`` asyncio SDK, bridged to Trio.
+
+    Use it as an async context manager, opened before the session manager::
+
+        async with AzureServiceBus.from_connection_string(conn_str) as sb, \\
+                open_session_manager(sb, queue_name="docs") as manager:
+            await manager.subscribe(process_message)
+
+    Entering opens one trio-asyncio loop for the backend's whole life, unless one is
+    running already (then it is reused), and builds the SDK's ``ServiceBusClient`` in it.
+    Leaving closes every receiver and sender it opened, then the client, then the loop
+    it opened.
+
+    Args:
+        fully_qualified_namespace: ``"<namespace>.servicebus.windows.net"``.
+        credential: any azure-core async credential: ``DefaultAzureCredential`` from
+            ``azure.identity.aio`` (the ``identity`` extra), ``AzureNamedKeyCredential``,
+            ``AzureSasCredential``.
+        **client_kwargs: passed to ``azure.servicebus.aio.ServiceBusClient`` (for
+            example ``retry_total``, ``transport_type``, ``logging_enable``).
+
+    Scaling out: run more processes on more hosts against the same entity; Service Bus
+    session locks keep each session with one receiver at a time.
+    """
 
     def __init__(self, fully_qualified_namespace: str, credential: object, **client_kwargs: Any):
-        if not isinstance(fully_qualified_namespace, str) or not fully_qualified_namespace:
+        if not isinstance(fully_qualified_namespace, str) or not fully_qualified_namespace.strip():
             raise ValueError(
                 "fully_qualified_namespace must be a host name such as "
-                "'<namespace>.servicebus.windows.net'"
+                f"'<namespace>.servicebus.windows.net', not {fully_qualified_namespace!r}"
             )
-        self._namespace = fully_qualified_namespace
+        if "://" in fully_qualified_namespace or "/" in fully_qualified_namespace.strip("/"):
+            raise ValueError(
+                "fully_qualified_namespace must be a bare host name such as "
+                f"'<namespace>.servicebus.windows.net', not {fully_qualified_namespace!r}"
+            )
+        self._namespace = fully_qualified_namespace.strip("/")
         self._credential = credential
         self._client_kwargs = client_kwargs
         self._conn_str: str | None = None
+        self._stack: AsyncExitStack | None = None
+        self._loop: Any = None
+        self._client: ServiceBusClient | None = None
+        self._links: set[AzureSessionLink] = set()
+        self._senders: dict[str, tuple[trio.Lock, ServiceBusSender]] = {}
+        self._senders_lock = trio.Lock()
 
     @classmethod
     def from_connection_string(cls, conn_str: str, **client_kwargs: Any) -> AzureServiceBus:
-        """Build from a ``Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...`` string."""
-        parts = dict(part.split("=", 1) for part in conn_str.split(";") if "=" in part)
-        endpoint = parts.get("Endpoint")
-        if not endpoint:
-            raise ValueError("the connection string has no Endpoint=sb://<host>/ part")
-        host = endpoint.split("://", 1)[-1].strip("/")
-        self = cls(host, None, **client_kwargs)
+        """Build from ``Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...``.
+
+        The string is checked here, before any connection is made (see
+        `parse_connection_string`); ``UseDevelopmentEmulator=true`` strings (the
+        emulator's) work too.
+
+        Raises:
+            ValueError: a part of the string is missing or malformed (named in the message).
+        """
+        parts = parse_connection_string(conn_str)
+        self = cls(parts["host"].partition(":")[0], None, **client_kwargs)
         self._conn_str = conn_str
         return self
 
+    def __repr__(self) -> str:
+        state = "open" if self._client is not None else "closed"
+        return f"<AzureServiceBus {self._namespace!r} {state}>"
+
+    @property
+    def fully_qualified_namespace(self) -> str:
+        """The namespace's host name."""
+        return self._namespace
+
     async def __aenter__(self) -> AzureServiceBus:
-        raise NotImplementedError(
-            "the Azure Service Bus backend is not implemented yet (see the 'Azure backend' "
-            "issue); use MemoryBroker meanwhile"
-        )
+        if self._stack is not None:
+            raise RuntimeError(f"{self!r} is already open; enter it once")
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            loop = trio_asyncio.current_loop.get()
+            if loop is None:
+                loop = await stack.enter_async_context(trio_asyncio.open_loop())
+            self._loop = loop
+            self._client = await self._call(self._make_client)
+            stack.push_async_callback(self._close_everything)
+        except BaseException as exc:
+            self._loop = None
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def _make_client(self) -> ServiceBusClient:
+        # Built inside the asyncio loop: the SDK may look for the running loop.
+        if self._conn_str is not None:
+            return ServiceBusClient.from_connection_string(self._conn_str, **self._client_kwargs)
+        return ServiceBusClient(self._namespace, self._credential, **self._client_kwargs)  # type: ignore[arg-type]
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
+    ) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        try:
+            return bool(await stack.__aexit__(exc_type, exc, tb))
+        except BaseExceptionGroup as group:
+            # The loop's nursery wraps the body's own exception; let it leave as itself
+            # (as open_session_manager does), never an unrelated one.
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                return False
+            raise
+
+    async def _close_everything(self) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
+            for link in list(self._links):
+                await link.aclose()
+            senders = [sender for _, sender in self._senders.values()]
+            self._senders.clear()
+            for sender in senders:
+                with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
+                    await self._call(sender.close)
+            client, self._client = self._client, None
+            if client is not None:
+                with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
+                    await self._call(client.close)
+        self._loop = None
+
+    async def _call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run an asyncio function in the backend's loop: the one bridge crossing."""
+        if self._loop is None:
+            raise RuntimeError(
+                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
+            )
+        with _translate_sdk_errors():
+            return await _run_in_loop(self._loop, fn, *args, **kwargs)
+
+    def _require_client(self) -> ServiceBusClient:
+        if self._client is None:
+            raise RuntimeError(
+                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
+            )
+        return self._client
+
+    # -- Backend ---------------------------------------------------------------------------
+
+    async def accept_session(
+        self,
+        entity: EntityPath,
+        session_id: str | None = None,
+        *,
+        receive_mode: ReceiveMode = ReceiveMode.PEEK_LOCK,
+        max_wait_time: float | None = None,
+        prefetch_count: int = 0,
+    ) -> AzureSessionLink:
+        """Lock a session through a new SDK session receiver.
+
+        The wait for a next-available session happens on the server (``max_wait_time``
+        becomes the receiver's ``max_wait_time``, sent as ``com.microsoft:timeout``).
+
+        **Cancellation**: cancelling the wait cancels the SDK's open, and the receiver
+        is closed (its link detached) before this raises `trio.Cancelled`.
+
+        Raises:
+            OperationTimeoutError: no session became available within ``max_wait_time``.
+            SessionCannotBeLockedError: another receiver holds ``session_id``.
+            EntityNotFoundError: the entity does not exist.
+            SessionsNotEnabledError: the entity does not require sessions.
+        """
+        client = self._require_client()
+        kwargs: dict[str, Any] = {
+            "session_id": NEXT_AVAILABLE_SESSION if session_id is None else session_id,
+            "receive_mode": (
+                ServiceBusReceiveMode.PEEK_LOCK
+                if receive_mode is ReceiveMode.PEEK_LOCK
+                else ServiceBusReceiveMode.RECEIVE_AND_DELETE
+            ),
+            "prefetch_count": prefetch_count,
+        }
+        if max_wait_time is not None and max_wait_time != float("inf"):
+            kwargs["max_wait_time"] = max(max_wait_time, 0.001)
+        if entity.queue_name is not None:
+            receiver = client.get_queue_receiver(entity.queue_name, **kwargs)
+        else:
+            assert entity.topic_name is not None
+            assert entity.subscription_name is not None
+            receiver = client.get_subscription_receiver(
+                entity.topic_name, entity.subscription_name, **kwargs
+            )
+        await self._open_handler(receiver)
+        link = AzureSessionLink(self, receiver, receive_mode)
+        self._links.add(link)
+        return link
+
+    async def _open_handler(self, handler: ServiceBusReceiver | ServiceBusSender) -> None:
+        """Open an SDK receiver or sender; on failure or cancellation, close all it opened.
+
+        Cancellation reaches the SDK's open (see `_run_in_loop`), and the link is closed
+        (detached) before `trio.Cancelled` propagates.
+        """
+        opened = _track_amqp_clients(handler)
+        try:
+            await self._call(handler.__aenter__)
+        except BaseException:
+            with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(Exception):
+                    await self._call(handler.close)
+                with contextlib.suppress(Exception):
+                    await self._call(_close_stranded_connections, opened)
+            raise
+
+    async def send(self, entity: str, messages: Message | Sequence[Message]) -> None:
+        """Send one message, or a list as one batch, to a queue or topic.
+
+        Senders are opened on first use, one per entity, and kept until the backend
+        closes; concurrent sends to one entity take turns on it.
+
+        Raises:
+            TypeError: not a `Message` or a list of them.
+            EntityNotFoundError: no such queue or topic.
+            ValueError: the batch is larger than the entity allows.
+        """
+        if isinstance(messages, Message):
+            batch: list[Message] | Message = messages
+        else:
+            batch = list(messages)
+            for item in batch:
+                if not isinstance(item, Message):
+                    raise TypeError(f"send() takes Message objects, not {type(item).__name__}")
+            if not batch:
+                return
+        if not isinstance(entity, str) or not entity:
+            raise ValueError(f"entity must be a queue or topic name, not {entity!r}")
+        lock, sender = await self._sender(entity)
+        payload = (
+            _message_to_sdk(batch)
+            if isinstance(batch, Message)
+            else [_message_to_sdk(item) for item in batch]
+        )
+        async with lock:
+            try:
+                await self._call(sender.send_messages, payload)
+            except sdk_errors.MessageSizeExceededError as exc:
+                raise ValueError(str(exc)) from exc
+
+    async def _sender(self, entity: str) -> tuple[trio.Lock, ServiceBusSender]:
+        async with self._senders_lock:
+            found = self._senders.get(entity)
+            if found is None:
+                sender = self._require_client().get_queue_sender(entity)
+                await self._open_handler(sender)
+                found = self._senders[entity] = (trio.Lock(), sender)
+            return found
+
+
+# ---------------------------------------------------------------------------------- link
+
+
+async def _settle_all(
+    receiver: ServiceBusReceiver, settlements: Sequence[tuple[Settlement, Any]]
+) -> list[BaseException | None]:
+    """Settle several messages in one bridge crossing (runs in asyncio)."""
+    results: list[BaseException | None] = []
+    for settlement, raw in settlements:
+        try:
+            with _translate_sdk_errors():
+                if isinstance(settlement, Complete):
+                    await receiver.complete_message(raw)
+                elif isinstance(settlement, Abandon):
+                    await receiver.abandon_message(raw)
+                elif isinstance(settlement, DeadLetter):
+                    await receiver.dead_letter_message(
+                        raw,
+                        reason=settlement.reason,
+                        error_description=settlement.error_description,
+                    )
+                else:
+                    await receiver.defer_message(raw)
+        except (SessionsError, ValueError) as exc:
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
+
+
+@final
+class AzureSessionLink:
+    """One accepted session: an SDK session receiver, used by one task at a time."""
+
+    def __init__(
+        self, backend: AzureServiceBus, receiver: ServiceBusReceiver, receive_mode: ReceiveMode
     ) -> None:
-        return None
+        self._backend = backend
+        self._receiver = receiver
+        self._receive_mode = receive_mode
+        self._session = receiver.session
+        self._session_id = str(self._session.session_id)
+        self._lock = trio.Lock()
+        self._locked_until_utc = _aware(self._session.locked_until_utc) or dt.datetime.now(dt.UTC)
+        self._locked_until = _trio_time(self._locked_until_utc)
+        self._on_lock_lost: Callable[[SessionLockLostError], None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AzureSessionLink session {self._session_id!r}>"
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    @property
+    def locked_until(self) -> float:
+        return self._locked_until
+
+    @property
+    def locked_until_utc(self) -> dt.datetime:
+        return self._locked_until_utc
+
+    def on_lock_lost(self, callback: Callable[[SessionLockLostError], None]) -> None:
+        self._on_lock_lost = callback
+
+    def _lost(self, error: SessionLockLostError) -> None:
+        callback, self._on_lock_lost = self._on_lock_lost, None
+        if callback is not None:
+            callback(error)
+
+    async def _sdk(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """One SDK call on this receiver, alone on it (the lock), through the chokepoint."""
+        if self._closed:
+            raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+        async with self._lock:
+            try:
+                return await self._backend._call(fn, *args, **kwargs)
+            except SessionLockLostError as exc:
+                self._lost(exc)
+                raise
+
+    async def receive(self, max_count: int) -> list[ReceivedMessage]:
+        """Wait for at least one message; return up to ``max_count`` in session order.
+
+        The wait is a series of SDK receives of at most `RECEIVE_SLICE` seconds each, so
+        that settlements and renewals queued on this link get their turn in between.
+
+        **Cancellation**: the SDK's receive is cancelled and the link stays usable (the
+        actor still settles what is in flight, then closes it). A message that reaches
+        the SDK after the cancellation is released back to the session (prefetch 0) or
+        kept in the SDK's buffer for the next receive.
+        """
+        while True:
+            batch = await self._sdk(
+                self._receiver.receive_messages,
+                max_message_count=max_count,
+                max_wait_time=RECEIVE_SLICE,
+            )
+            if batch:
+                return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
+
+    async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        """Apply several settlements in order, in one bridge crossing."""
+        pairs = [(settlement, settlement.message.raw) for settlement in settlements]
+        results = await self._sdk(_settle_all, self._receiver, pairs)
+        for error in results:
+            if isinstance(error, SessionLockLostError):
+                self._lost(error)
+                break
+        return results
+
+    async def _settle_single(self, settlement: Settlement) -> None:
+        (error,) = await self.settle([settlement])
+        if error is not None:
+            raise error
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Complete(message))
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Abandon(message))
+
+    async def dead_letter(
+        self,
+        message: ReceivedMessage,
+        reason: str | None = None,
+        error_description: str | None = None,
+    ) -> None:
+        await self._settle_single(DeadLetter(message, reason, error_description))
+
+    async def defer(self, message: ReceivedMessage) -> None:
+        await self._settle_single(Defer(message))
+
+    async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
+        """Receive deferred messages by sequence number (`MessageNotFoundError` if unknown)."""
+        batch = await self._sdk(
+            self._receiver.receive_deferred_messages, [int(n) for n in sequence_numbers]
+        )
+        return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
+
+    async def renew_lock(self) -> float:
+        """Renew the session lock (the SDK session's ``renew_lock``); return `locked_until`."""
+        moment = await self._sdk(self._session.renew_lock)
+        self._locked_until_utc = _aware(moment) or self._locked_until_utc
+        self._locked_until = _trio_time(self._locked_until_utc)
+        return self._locked_until
+
+    async def get_state(self) -> bytes | None:
+        state: Any = await self._sdk(self._session.get_state)
+        if state is None:
+            return None
+        return bytes(state) if isinstance(state, bytes | bytearray) else str(state).encode()
+
+    async def set_state(self, state: bytes | None) -> None:
+        await self._sdk(self._session.set_state, state)
+
+    async def aclose(self) -> None:
+        """Close the receiver: the session lock is released and unsettled messages return."""
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._links.discard(self)
+        async with self._lock:
+            with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
+                await self._backend._call(self._receiver.close)
