@@ -73,6 +73,8 @@ def test_a_clean_history_passes() -> None:
         "lost": 0,
         "unfinished": 0,
         "overlaps": 0,
+        "overlaps_unexplained": 0,
+        "overlap_causes": {},
         "order_violations": 0,
         "duplicates": 0,
         "duplicate_causes": {},
@@ -100,6 +102,27 @@ def test_overlaps_across_processes_are_found() -> None:
     report = check_history(History(calls), SENT, ALL_DONE)
     assert [(o.first.message_id, o.second.message_id) for o in report.overlaps] == [("m1", "m2")]
     assert not report.ok
+
+
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        (Fault(kind="cut_connections", time=0.5), "cut_connections"),
+        (Fault(kind="expire_lock", time=0.5, session_id="s1"), "expire_lock"),
+        (Fault(kind="expire_lock", time=0.5, session_id="s2"), None),  # another session
+        (Fault(kind="cut_connections", time=0.5, process="p2"), None),  # not the holder's
+        (Fault(kind="cut_connections", time=1.5), None),  # after the second call began
+        (Fault(kind="lock_lost", time=0.5, process="p1", session_id="s1"), None),  # observed
+    ],
+)
+def test_forced_releases_explain_overlaps(fault: Fault, cause: str | None) -> None:
+    """An overlap after the broker took the lock from the running call has that cause."""
+    calls = [call("m1", 0, 2), call("m2", 1, 3, process="p2"), call("m3", 0, 1)]
+    report = check_history(History(calls, [fault]), SENT, ALL_DONE)
+    assert [o.cause for o in report.overlaps] == [cause]
+    assert report.ok is (cause is not None)
+    assert report.summary()["overlap_causes"] == {cause or "unexplained": 1}
+    assert report.summary()["overlaps_unexplained"] == (cause is None)
 
 
 def test_back_to_back_calls_do_not_overlap() -> None:

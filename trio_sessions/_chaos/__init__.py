@@ -14,6 +14,7 @@ from ._checker import OrderViolation as OrderViolation
 from ._checker import Overlap as Overlap
 from ._checker import Report as Report
 from ._checker import check_history as check_history
+from ._history import FORCED_RELEASE_FAULTS as FORCED_RELEASE_FAULTS
 from ._history import LOCK_LOSS_FAULTS as LOCK_LOSS_FAULTS
 from ._history import OBSERVED_FAULTS as OBSERVED_FAULTS
 from ._history import Call as Call

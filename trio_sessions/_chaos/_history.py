@@ -38,6 +38,13 @@ class Outcome(enum.Enum):
 #: session closes, and then comes back, as on Service Bus).
 OBSERVED_FAULTS = frozenset({"lock_lost", "complete_failed"})
 
+#: Injected faults by which the broker takes a session lock from a holder that cannot
+#: know at once (its handler may still run when another receiver gets the session): an
+#: expiry forced through the broker, and a cut connection (the emulator then releases
+#: the connection's sessions at once; Service Bus keeps a vanished client's lock until
+#: it expires). They explain an overlap; nothing else does.
+FORCED_RELEASE_FAULTS = frozenset({"expire_lock", "cut_connections"})
+
 #: Fault kinds that explain a duplicate: those that take a session lock away from its
 #: holder, and a failed complete.
 LOCK_LOSS_FAULTS = frozenset({"expire_lock", "kill", "cut_connections", *OBSERVED_FAULTS})
