@@ -198,6 +198,28 @@ def test_duplicates_need_a_lock_loss_in_between(fault: Fault, explained: bool) -
     assert report.ok is explained
 
 
+def test_a_loss_observed_late_by_the_holder_explains() -> None:
+    """A lock loss the holder reports after the redelivery began still explains, unless
+    the holder had begun another call of that session before reporting it."""
+    calls = [
+        call("m1", 0, 1),
+        call("m1", 2, 3, count=1, process="p2"),
+        call("m2", 3, 4, process="p2"),
+        call("m3", 0, 1),
+    ]
+    late = [Fault(kind="complete_failed", time=2.5, process="p1", session_id="s1")]
+    assert check_history(History(calls, late), SENT, ALL_DONE).ok
+    injected_late = [Fault(kind="expire_lock", time=2.5, session_id="s1")]
+    assert not check_history(History(calls, injected_late), SENT, ALL_DONE).ok
+    busy_holder = [*calls, call("m2", 1.5, 1.8, count=1)]  # p1 went on with s1 meanwhile
+    report = check_history(History(busy_holder, late), SENT, ALL_DONE)
+    # The report now explains the later call (m2), not the one before it (m1).
+    assert [(d.message_id, d.cause) for d in report.duplicates] == [
+        ("m1", None),
+        ("m2", "complete_failed"),
+    ]
+
+
 def test_double_completion_in_the_broker_is_unexplained() -> None:
     """The broker completing one message twice is a duplicate nothing explains."""
     final = BrokerState(

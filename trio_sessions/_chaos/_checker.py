@@ -175,7 +175,7 @@ def check_history(history: History, sent: Mapping[str, str], final: BrokerState)
         calls=len(history.calls),
         lost=lost,
         unfinished=unfinished,
-        duplicates=tuple(_duplicates(calls_of, history.faults, final.completed)),
+        duplicates=tuple(_duplicates(history.calls, calls_of, history.faults, final.completed)),
         overlaps=tuple(_overlaps(history.calls, history.faults)),
         order_violations=tuple(_order_violations(calls_of)),
         faults=Counter(f.kind for f in history.faults if f.kind not in OBSERVED_FAULTS),
@@ -183,22 +183,34 @@ def check_history(history: History, sent: Mapping[str, str], final: BrokerState)
 
 
 def _duplicates(
-    calls_of: Mapping[str, list[Call]], faults: list[Fault], completed: Iterable[str]
+    calls: list[Call],
+    calls_of: Mapping[str, list[Call]],
+    faults: list[Fault],
+    completed: Iterable[str],
 ) -> Iterable[Duplicate]:
     losses = sorted((f for f in faults if f.kind in LOCK_LOSS_FAULTS), key=lambda f: f.time)
-    for message_id, calls in sorted(calls_of.items()):
-        oks = [c for c in calls if c.outcome is Outcome.OK]
+    starts: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for call in calls:
+        starts[call.process, call.session_id].append(call.start)
+
+    def explains(fault: Fault, done: Call, until: float) -> bool:
+        if not fault.hits(done.process, done.session_id) or fault.time < done.start:
+            return False
+        if fault.time <= until:
+            return True
+        # A loss the holder observed is reported late (after its failed operation, while
+        # another receiver may already have the session): it still explains, as long as
+        # the holder had not begun another call of that session in between.
+        return fault.kind in OBSERVED_FAULTS and not any(
+            done.start < t < fault.time for t in starts[done.process, done.session_id]
+        )
+
+    for message_id, message_calls in sorted(calls_of.items()):
+        oks = [c for c in message_calls if c.outcome is Outcome.OK]
         for done in oks[:-1]:
-            later = [c for c in calls if c.start > done.start]
+            later = [c for c in message_calls if c.start > done.start]
             until = later[0].start if later else math.inf
-            cause = next(
-                (
-                    f.kind
-                    for f in losses
-                    if done.start <= f.time <= until and f.hits(done.process, done.session_id)
-                ),
-                None,
-            )
+            cause = next((f.kind for f in losses if explains(f, done, until)), None)
             yield Duplicate(
                 message_id=message_id, first=done, again=later[0] if later else None, cause=cause
             )
