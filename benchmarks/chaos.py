@@ -27,6 +27,7 @@ import argparse
 import enum
 import functools
 import json
+import logging
 import math
 import random
 import signal
@@ -211,6 +212,8 @@ async def orchestrate(config: RunConfig, out_dir: Path) -> dict[str, Any]:
         old.unlink()
     faults_file = (histories / "orchestrator.jsonl").open("w", encoding="utf-8")
     log = HistoryWriter(faults_file, "orchestrator")
+    emulator_logger = logging.getLogger("trio_sessions.emulator")
+    emulator_logger.addHandler(_DroppedConnections(log))
     broker = MemoryBroker(record_completed=True)
     broker.create_queue(QUEUE, lock_duration=config.lock_duration, max_delivery_count=50)
     sent: dict[str, str] = {}
@@ -330,6 +333,23 @@ async def orchestrate(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     return summary
 
 
+class _DroppedConnections(logging.Handler):
+    """Records each client connection the emulator ends on an error, as a fault.
+
+    The emulator closes a connection when serving it raises (an injected broker error on
+    a management request does, for one), and so releases its sessions at once, like a
+    cut: the checker must see that as a forced release.
+    """
+
+    def __init__(self, log: HistoryWriter) -> None:
+        super().__init__(level=logging.ERROR)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "emulator connection failed":
+            self.log.fault(Fault(kind="connection_failed", time=record.created))
+
+
 def inject(
     kind: str,
     rng: random.Random,
@@ -386,6 +406,7 @@ def write_docs(summary: dict[str, Any], command: str, path: Path) -> None:
         ("worker processes", str(summary["workers"])),
         ("handler calls", f"{summary['handler_calls']:,}"),
         ("faults injected", f"{summary['faults_total']} ({faults})"),
+        ("observed", ", ".join(f"{k} {n}" for k, n in summary["observed"].items()) or "none"),
         ("lost", str(summary["lost"])),
         ("overlaps (unexplained)", str(summary["overlaps_unexplained"])),
         ("overlaps after a forced release", f"{forced} ({overlap_causes})"),
@@ -423,7 +444,9 @@ the checker computes
   deadline. Service Bus keeps the lock of a client that vanished until the lock
   expires (a reconnecting client is told the session "may be locked by another
   receiver", Azure/azure-service-bus#9), and the manager cancels handlers half the
-  renewal margin before that, so on Service Bus these would not overlap;
+  renewal margin before that, so on Service Bus these would not overlap. The emulator
+  also ends a connection when an injected broker error escapes a request it serves
+  (`connection_failed` below, read from its log), which is a forced release too;
 * **order violations**: the first handler calls of a session's messages out of send
   order (must be 0);
 * **duplicates**: a message processed to its end more than once. At-least-once delivery

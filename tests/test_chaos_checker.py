@@ -70,6 +70,7 @@ def test_a_clean_history_passes() -> None:
         "handler_calls": 3,
         "faults": {},
         "faults_total": 0,
+        "observed": {},
         "lost": 0,
         "unfinished": 0,
         "overlaps": 0,
@@ -108,6 +109,7 @@ def test_overlaps_across_processes_are_found() -> None:
     ("fault", "cause"),
     [
         (Fault(kind="cut_connections", time=0.5), "cut_connections"),
+        (Fault(kind="connection_failed", time=0.5), "connection_failed"),
         (Fault(kind="expire_lock", time=0.5, session_id="s1"), "expire_lock"),
         (Fault(kind="expire_lock", time=0.5, session_id="s2"), None),  # another session
         (Fault(kind="cut_connections", time=0.5, process="p2"), None),  # not the holder's
@@ -242,6 +244,7 @@ def test_faults_are_counted_by_kind_without_observed_losses() -> None:
     summary = check_history(History(clean_calls(), faults), SENT, ALL_DONE).summary()
     assert summary["faults"] == {"cut_connections": 1, "kill": 2}
     assert summary["faults_total"] == 3
+    assert summary["observed"] == {"complete_failed": 1, "lock_lost": 1}
 
 
 def test_jsonl_round_trip_with_a_torn_last_line(tmp_path: Path) -> None:

@@ -110,6 +110,7 @@ class Report:
     overlaps: tuple[Overlap, ...]
     order_violations: tuple[OrderViolation, ...]
     faults: Mapping[str, int]
+    observed: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def unexplained_duplicates(self) -> tuple[Duplicate, ...]:
@@ -140,6 +141,7 @@ class Report:
             "handler_calls": self.calls,
             "faults": dict(sorted(self.faults.items())),
             "faults_total": sum(self.faults.values()),
+            "observed": dict(sorted(self.observed.items())),
             "lost": len(self.lost),
             "unfinished": len(self.unfinished),
             "overlaps": len(self.overlaps),
@@ -179,6 +181,7 @@ def check_history(history: History, sent: Mapping[str, str], final: BrokerState)
         overlaps=tuple(_overlaps(history.calls, history.faults)),
         order_violations=tuple(_order_violations(calls_of)),
         faults=Counter(f.kind for f in history.faults if f.kind not in OBSERVED_FAULTS),
+        observed=Counter(f.kind for f in history.faults if f.kind in OBSERVED_FAULTS),
     )
 
 
@@ -201,8 +204,10 @@ def _duplicates(
         # A loss the holder observed is reported late (after its failed operation, while
         # another receiver may already have the session): it still explains, as long as
         # the holder had not begun another call of that session in between.
-        return fault.kind in OBSERVED_FAULTS and not any(
-            done.start < t < fault.time for t in starts[done.process, done.session_id]
+        return (
+            fault.process == done.process
+            and fault.kind in OBSERVED_FAULTS
+            and not any(done.start < t < fault.time for t in starts[done.process, done.session_id])
         )
 
     for message_id, message_calls in sorted(calls_of.items()):

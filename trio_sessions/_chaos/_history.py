@@ -32,18 +32,20 @@ class Outcome(enum.Enum):
     KILLED = "killed"
 
 
-#: Faults a worker observed rather than the orchestrator injected: ``lock_lost``
-#: (``process_error`` was given a `SessionLockLostError`) and ``complete_failed`` (a
+#: Faults observed rather than injected: ``lock_lost`` (a worker's
+#: ``process_error`` was given a `SessionLockLostError`), ``complete_failed`` (a
 #: transient error failed an auto-complete; the message stays locked, unsettled, until its
-#: session closes, and then comes back, as on Service Bus).
-OBSERVED_FAULTS = frozenset({"lock_lost", "complete_failed"})
+#: session closes, and then comes back, as on Service Bus); and ``connection_failed`` (the
+#: emulator ended a client connection on an error, releasing its sessions, as a cut does).
+OBSERVED_FAULTS = frozenset({"lock_lost", "complete_failed", "connection_failed"})
 
 #: Injected faults by which the broker takes a session lock from a holder that cannot
 #: know at once (its handler may still run when another receiver gets the session): an
 #: expiry forced through the broker, and a cut connection (the emulator then releases
 #: the connection's sessions at once; Service Bus keeps a vanished client's lock until
-#: it expires). They explain an overlap; nothing else does.
-FORCED_RELEASE_FAULTS = frozenset({"expire_lock", "cut_connections"})
+#: it expires), or one the emulator ended on an error. They explain an overlap; nothing
+#: else does.
+FORCED_RELEASE_FAULTS = frozenset({"expire_lock", "cut_connections", "connection_failed"})
 
 #: Fault kinds that explain a duplicate: those that take a session lock away from its
 #: holder, and a failed complete.
