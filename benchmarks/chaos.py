@@ -465,7 +465,7 @@ It runs twice:
 * in-process, `tests/test_chaos.py`: several managers share one MemoryBroker queue in
   virtual time while Hypothesis draws the fault plan (expired session locks, transient
   broker errors, handlers that raise, run slow or hang past the lock, managers stopped
-  and restarted); 100 examples in the test suite, `CHAOS_EXAMPLES` for more;
+  and restarted, or crashed); 100 examples in the test suite, 1000 in `nox -s chaos`;
 * across OS processes, `benchmarks/chaos.py` (`nox -s chaos`; `-- --quick` in CI):
   worker processes run managers on the real SDK through `AzureServiceBus` against the
   emulator, while the orchestrator cuts connections, expires locks, injects broker
