@@ -122,7 +122,7 @@ def tests(session: nox.Session, deps: str) -> None:
 @nox.session
 def coverage(session: nox.Session) -> None:
     """Combine the tests sessions' coverage; fail under 90% (branch coverage)."""
-    session.install("coverage[toml]>=7.8")
+    session.install("coverage[toml]>=7.10")
     # Combines .coverage.lowest.* and .coverage.newest.*; [tool.coverage.paths] maps each
     # session's site-packages/trio_sessions onto the source tree. Branch coverage is on.
     session.run("coverage", "combine")
@@ -151,7 +151,7 @@ def bench(session: nox.Session) -> None:
     scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
     if not scripts:
         session.skip("no benchmarks yet (benchmarks/bench_*.py)")
-    session.install(".")
+    session.install(".[emulator]")  # bench_emulator.py runs the emulator
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 

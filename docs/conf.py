@@ -127,12 +127,13 @@ nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_BUILTINS)})"),
     # Names from the Backend seam and private modules that appear in signatures; the
     # seam is documented in prose (design page), not as public API.
-    (r"py:.*", r"(trio_sessions\.)?(backends\._abc\.)?(Backend|SessionLink|EntityPath)"),
+    (
+        r"py:.*",
+        r"(trio_sessions\.)?(backends\._abc\.|_messages\.|backends\._azure\.)?"
+        r"(Backend|SessionLink|EntityPath|AzureSessionLink|parse_connection_string)",
+    ),
     (r"py:.*", r"(trio_sessions\.)?(_actor\.)?(SessionHandler|ErrorHandler|P|T)"),
     (r"py:.*", r"TracebackType|Emulator|Settlement"),
-    # Named in Message's docstring; documented once the Azure backend (DESIGN.md section 4)
-    # has landed with its send method.
-    (r"py:.*", r"AzureServiceBus\.send"),
 ]
 
 # -- autodoc and napoleon --------------------------------------------------------------------

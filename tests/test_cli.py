@@ -80,14 +80,6 @@ def test_bad_flags_exit_2(argv: list[str], flag: str, capsys: pytest.CaptureFixt
     assert flag in capsys.readouterr().err
 
 
-def test_run_says_it_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    """run exists but says it is not available yet (exit code 2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run"])
-    assert exit_info.value.code == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_python_dash_m_runs_the_demo() -> None:
     """python -m trio_sessions demo works as a program and prints parseable JSON."""
     env = dict(os.environ)

@@ -307,6 +307,43 @@ async def test_lock_is_renewed_while_a_handler_runs(autojump_clock: trio.testing
     assert locks[1] > locks[0]  # type: ignore[operator]
 
 
+def task_names() -> list[str]:
+    """The names of every task of this run."""
+    names: list[str] = []
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    todo = [root]
+    while todo:
+        task = todo.pop()
+        names.append(task.name)
+        todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return names
+
+
+async def test_quiet_session_holds_one_task_until_its_lock_needs_renewing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An idle session's service task starts only when its first renewal is due, and renews."""
+    broker = make_broker(lock_duration=10)
+    await broker.send(Q, Message(b"1", session_id="a"))
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        pass
+
+    options = SessionManagerOptions(session_idle_timeout=1000)
+    async with running(broker, handle, options) as manager:
+        await trio.sleep(4.9)  # the first renewal is due at 5 s (half of a 10 s lock)
+        assert manager.stats().messages_completed == 1
+        assert "session a" in task_names()
+        assert "session a service" not in task_names()
+        await trio.sleep(0.2)
+        assert "session a service" in task_names()
+        assert manager.stats().lock_renewals == 1
+        await trio.sleep(20)
+        assert manager.stats().lock_renewals == 5
+        assert manager.stats().active_sessions == 1
+
+
 async def test_renewal_end_releases_a_quiet_session_without_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

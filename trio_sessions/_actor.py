@@ -19,9 +19,10 @@ cancellation, no token to check) and nothing more is settled on that lock.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -37,17 +38,19 @@ from ._errors import (
 )
 from ._messages import Abandon, Complete, DeadLetter, ReceivedMessage, Settlement
 from ._options import ReceiveMode, SessionManagerOptions
+from ._redact import Redacted, library_logger
 from ._renewal import next_lock_action, renewal_margin
 
 if TYPE_CHECKING:
     import datetime as dt
 
+    from ._otel import Telemetry
     from ._stats import Counters
     from .backends._abc import SessionLink
 
 __all__ = ["ActorHooks", "SessionActor"]
 
-logger = logging.getLogger("trio_sessions")
+logger = library_logger("trio_sessions.session")
 
 #: How long closing a link may take before it is abandoned (it is shielded).
 CLOSE_TIMEOUT = 10.0
@@ -98,6 +101,11 @@ class ActorHooks:
     process_session: SessionHandler | None = None
     session_initializing: SessionHandler | None = None
     session_closing: SessionHandler | None = None
+    telemetry: Telemetry | None = None
+    #: Calls ``actor.lock_timer_due()`` at a Trio-clock time, from a task shared by all
+    #: actors (the manager's): it lets an actor start its service task only when one is
+    #: needed. None: every actor starts its service task at once.
+    schedule_lock_timer: Callable[[SessionActor, float], None] | None = None
 
 
 def _safe_deadline(locked_until: float, lock_duration: float) -> float:
@@ -114,6 +122,47 @@ def _safe_deadline(locked_until: float, lock_duration: float) -> float:
 class SessionActor:
     """Runs one locked session from accept to close (internal)."""
 
+    # Slots: thousands of actors may be held at once (issue #8, memory per idle session).
+    # "__dict__" too, made only when something sets another attribute (for instance a
+    # per-instance wrapper of a method), so that stays possible at no cost otherwise.
+    __slots__ = (
+        "__dict__",
+        "_auto_complete",
+        "_buffer",
+        "_busy",
+        "_close_reason",
+        "_context",
+        "_current",
+        "_draining",
+        "_give_up_renewing_at",
+        "_grace_deadline",
+        "_grace_scope",
+        "_hooks",
+        "_idle_scope",
+        "_link",
+        "_lock_duration",
+        "_lock_lost",
+        "_lock_lost_source",
+        "_lock_scope",
+        "_locked_until_utc",
+        "_log_extra",
+        "_nursery",
+        "_open",
+        "_options",
+        "_peek_lock",
+        "_receive_attempt",
+        "_receive_scope",
+        "_renew_attempt",
+        "_requests_tx",
+        "_settle_batch",
+        "_settle_inline",
+        "_timer_at",
+        "_timer_renews",
+        "_wake_pump",
+        "context",
+        "done",
+    )
+
     def __init__(self, link: SessionLink, hooks: ActorHooks) -> None:
         options = hooks.options
         self._link = link
@@ -121,6 +170,11 @@ class SessionActor:
         self._options = options
         self._peek_lock = hooks.receive_mode is ReceiveMode.PEEK_LOCK
         self._auto_complete = options.auto_complete and self._peek_lock
+        # One task receives and runs handlers (inline calls, or the actor form): it settles
+        # its own auto-settlements directly (see _auto_settle).
+        self._settle_inline = (
+            hooks.process_session is not None or options.max_concurrent_calls_per_session == 1
+        )
         self.context = SessionContext(self)
         self.done = trio.Event()
         now = trio.current_time()
@@ -131,23 +185,39 @@ class SessionActor:
             deadline=_safe_deadline(link.locked_until, self._lock_duration)
         )
         self._grace_scope = trio.CancelScope()
+        self._grace_deadline = math.inf  # the grace scope's deadline, when not idling
         self._receive_scope: trio.CancelScope | None = None
+        self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
             link.locked_until, self._lock_duration, self._give_up_renewing_at
         )
         self._renew_attempt = 0
-        capacity = options.max_concurrent_calls_per_session + options.prefetch_count
-        self._requests_tx, self._requests_rx = trio.open_memory_channel[_Request](capacity + 64)
+        self._nursery: trio.Nursery | None = None
+        self._context: contextvars.Context | None = None  # the actor task's own
+        # Made with the service task (see _start_service).
+        self._requests_tx: trio.MemorySendChannel[_Request] | None = None
         self._open: dict[str, ReceivedMessage] = {}
-        self._buffer: deque[ReceivedMessage] = deque()
+        # Received but not yet handed out, last first (a list: an empty deque costs 600 B).
+        self._buffer: list[ReceivedMessage] = []
         self._current: ReceivedMessage | None = None
         self._draining = False
         self._busy = 0
-        self._wake_pump = trio.Event()
+        self._wake_pump: trio.Event | None = None  # only with several workers
         self._lock_lost: SessionLockLostError | None = None
         self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
+        self._close_reason: str | None = None
+        self._log_extra = {"session_id": link.session_id, "entity_path": hooks.entity_path}
         link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
+        self._settle_batch: Callable[
+            [Sequence[Settlement]], Awaitable[list[BaseException | None]]
+        ] = link.settle
+        if (telemetry := hooks.telemetry) is not None:
+            # OpenTelemetry is configured: swap in traced steps once, so that the
+            # untraced path has no check per message (see _otel).
+            self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
+            self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
+            self._settle_batch = telemetry.traced_settle(link.settle)
 
     # -- SessionPort (what the context calls) ---------------------------------------------
 
@@ -208,18 +278,21 @@ class SessionActor:
         """Whether `release` was called (a method, so type checkers re-read it after awaits)."""
         return self._draining
 
-    def release(self) -> None:
+    def release(self, reason: str = "released") -> None:
         """Hand no more messages to user code; close once in-flight handlers finish."""
         if self._draining:
             return
         self._draining = True
+        self._close_reason = reason
         if self._receive_scope is not None:
             self._receive_scope.cancel()
-        self._wake_pump.set()
+        if self._wake_pump is not None:
+            self._wake_pump.set()
 
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
-        self.release()
+        self.release("stopped")
+        self._grace_deadline = min(self._grace_deadline, grace_deadline)
         self._grace_scope.deadline = min(self._grace_scope.deadline, grace_deadline)
 
     async def next_message(self) -> ReceivedMessage | None:
@@ -229,18 +302,54 @@ class SessionActor:
         previous, self._current = self._current, None
         if previous is not None:
             await self._auto_settle(previous, Complete(previous))
+        telemetry = self._hooks.telemetry
+        if telemetry is not None:
+            telemetry.end_iteration(self)
         message = await self._next_message()
         self._current = message
+        if telemetry is not None and message is not None:
+            telemetry.begin_iteration(self, message)
         return message
 
     # -- commands ------------------------------------------------------------------------
 
+    def lock_timer_due(self) -> None:
+        """The first lock timer is due (called by the manager's timer task)."""
+        self._start_service()
+
+    def _start_service(self) -> None:
+        """Start the service task unless it runs already or the actor is closing.
+
+        It is started lazily (issue #8: a short-lived or quiet session then never pays
+        for a second task): by the first command, or when the lock timer is first due.
+        """
+        if self._requests_tx is not None or self._nursery is None:
+            return
+        options = self._options
+        capacity = options.max_concurrent_calls_per_session + options.prefetch_count
+        self._requests_tx, receive = trio.open_memory_channel[_Request](capacity + 64)
+        # In the actor's own context, not that of the handler whose command started it:
+        # a task copies its spawner's context vars (an OpenTelemetry span, for one).
+        assert self._context is not None
+        name = f"session {self.session_id} service"
+        self._context.run(
+            functools.partial(self._nursery.start_soon, name=name), self._service, receive
+        )
+
+    async def _send_request(self, request: _Request) -> None:
+        self._start_service()
+        requests = self._requests_tx
+        if requests is None:  # closing, and no service task ever started
+            raise trio.ClosedResourceError
+        try:
+            requests.send_nowait(request)
+        except trio.WouldBlock:
+            await requests.send(request)
+
     async def _request(self, kind: str, payload: Any = None) -> Any:
         request = _Request(kind, payload)
         try:
-            self._requests_tx.send_nowait(request)
-        except trio.WouldBlock:
-            await self._requests_tx.send(request)
+            await self._send_request(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise trio.ClosedResourceError(
                 f"session {self.session_id!r} was closed; its context can no longer be used"
@@ -250,9 +359,8 @@ class SessionActor:
             raise request.error
         return request.result
 
-    async def _service(self) -> None:
+    async def _service(self, receive: trio.MemoryReceiveChannel[_Request]) -> None:
         """Execute commands in arrival order, batching settlements; run the lock timer."""
-        receive = self._requests_rx
         async with receive:
             while True:
                 request = None
@@ -273,7 +381,6 @@ class SessionActor:
                 await self._execute(batch)
 
     async def _execute(self, batch: list[_Request]) -> None:
-        counters = self._hooks.counters
         i = 0
         while i < len(batch):
             request = batch[i]
@@ -284,26 +391,18 @@ class SessionActor:
                 group = batch[i:j]
                 settlements: list[Settlement] = [r.payload for r in group]
                 try:
-                    results = await self._link.settle(settlements)
+                    results = await self._settle_batch(settlements)
                 except BaseException as exc:
                     for r in group:
                         r.resolve(error=exc)
                     raise
-                for r, settlement, error in zip(group, settlements, results, strict=True):
-                    if error is None:
-                        if isinstance(settlement, Complete):
-                            counters.messages_completed += 1
-                        elif isinstance(settlement, Abandon):
-                            counters.messages_abandoned += 1
-                        elif isinstance(settlement, DeadLetter):
-                            counters.messages_dead_lettered += 1
-                        else:
-                            counters.messages_deferred += 1
+                if logger.isEnabledFor(logging.DEBUG):
+                    self._log_settled(settlements, results)
+                for r, error in zip(group, results, strict=True):
                     r.resolve(error=error)
-                    # After resolving: the waiting caller wakes with the error itself, and
-                    # the lock scope's cancellation reaches it at its next checkpoint.
-                    if isinstance(error, SessionLockLostError):
-                        self._note_lock_lost(error, _settle_source(settlement))
+                # After resolving: the waiting caller wakes with the error itself, and
+                # the lock scope's cancellation reaches it at its next checkpoint.
+                self._count_settled(settlements, results)
                 i = j
                 continue
             source = ErrorSource.SESSION_STATE
@@ -326,11 +425,34 @@ class SessionActor:
                     self._note_lock_lost(exc, source)
             i += 1
 
+    def _count_settled(
+        self, settlements: Sequence[Settlement], results: Sequence[BaseException | None]
+    ) -> None:
+        """Count what the backend settled; note a lost lock found by a settlement."""
+        counters = self._hooks.counters
+        for settlement, error in zip(settlements, results, strict=True):
+            if error is None:
+                if isinstance(settlement, Complete):
+                    counters.messages_completed += 1
+                elif isinstance(settlement, Abandon):
+                    counters.messages_abandoned += 1
+                elif isinstance(settlement, DeadLetter):
+                    counters.messages_dead_lettered += 1
+                else:
+                    counters.messages_deferred += 1
+            elif isinstance(error, SessionLockLostError):
+                self._note_lock_lost(error, _settle_source(settlement))
+
     async def _on_lock_timer(self) -> None:
         if not self._timer_renews:
             self._timer_at = math.inf
-            logger.info("releasing session %s: lock renewal ended", self.session_id)
-            self.release()
+            logger.info(
+                "releasing session %s: lock renewal ended after %s s",
+                self.session_id,
+                self._options.max_auto_lock_renewal_duration,
+                extra=self._log_extra,
+            )
+            self.release("lock renewal ended")
             return
         try:
             deadline = await self._link.renew_lock()
@@ -354,10 +476,42 @@ class SessionActor:
         self._lock_duration = max(deadline - now, 0.0)
         self._locked_until_utc = self._link.locked_until_utc
         self._lock_scope.deadline = _safe_deadline(deadline, self._lock_duration)
+        logger.debug(
+            "session %s: lock renewed until %s",
+            self.session_id,
+            self._locked_until_utc,
+            extra=self._log_extra,
+        )
         if self._timer_at != math.inf or self._timer_renews:
             self._timer_at, self._timer_renews = next_lock_action(
                 deadline, self._lock_duration, self._give_up_renewing_at
             )
+
+    def _log_settled(
+        self, settlements: list[Settlement], results: list[BaseException | None]
+    ) -> None:
+        for settlement, error in zip(settlements, results, strict=True):
+            message = settlement.message
+            disposition = _settle_source(settlement).value
+            if error is None:
+                logger.debug(
+                    "session %s: settled message %s (sequence number %s): %s",
+                    self.session_id,
+                    message.message_id,
+                    message.sequence_number,
+                    disposition,
+                    extra=self._log_extra,
+                )
+            else:
+                logger.debug(
+                    "session %s: settling message %s (sequence number %s) as %s failed: %s",
+                    self.session_id,
+                    message.message_id,
+                    message.sequence_number,
+                    disposition,
+                    Redacted(error, use_repr=True),
+                    extra=self._log_extra,
+                )
 
     def _note_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> None:
         """Record the first report of a lost lock and cancel everything under it."""
@@ -376,15 +530,25 @@ class SessionActor:
     async def run(self, on_exit: Callable[[SessionActor], None]) -> None:
         """Run the session until it is idle, released, stopped or its lock is lost."""
         hooks = self._hooks
-        logger.info("session %s of %s accepted", self.session_id, hooks.entity_path)
+        logger.info(
+            "session %s of %s accepted", self.session_id, hooks.entity_path, extra=self._log_extra
+        )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._service, name=f"session {self.session_id} service")
+                self._nursery = nursery
+                self._context = contextvars.copy_context()
+                schedule = hooks.schedule_lock_timer
+                if schedule is None:
+                    self._start_service()
+                else:
+                    schedule(self, self._timer_at)
                 with self._lock_scope:
                     with self._grace_scope:
                         if await self._initialize():
                             await self._work()
-                    await self._give_back(list(self._buffer))
+                    if self._grace_scope.cancelled_caught and not self._draining:
+                        self._close_reason = "idle"  # the inline loop's idle clock fired
+                    await self._give_back(self._buffer[::-1])
                     self._buffer.clear()
                     await self._call_closing()
                 if self._lock_scope.cancelled_caught and self._lock_lost is None:
@@ -393,25 +557,55 @@ class SessionActor:
                     )
                     self._lock_lost_source = ErrorSource.RENEW_LOCK
                 if self._lock_lost is not None:
-                    logger.info("session %s lost its lock", self.session_id)
+                    logger.info(
+                        "session %s lost its lock: %s",
+                        self.session_id,
+                        Redacted(self._lock_lost),
+                        extra=self._log_extra,
+                    )
                     await hooks.report(
                         self._lock_lost, self._lock_lost_source, self.session_id, False
                     )
-                self._requests_tx.close()
+                self._close_requests()
+        except BaseException as exc:
+            cancelled = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[0] is not None
+            )
+            self._close_reason = "cancelled" if cancelled else "failed"
+            raise
         finally:
-            self._requests_tx.close()
+            self._close_requests()
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
                 try:
                     await self._link.aclose()
                 except Exception as exc:
-                    logger.warning("closing session %s failed: %r", self.session_id, exc)
+                    logger.warning(
+                        "closing session %s failed: %s",
+                        self.session_id,
+                        Redacted(exc, use_repr=True),
+                        extra=self._log_extra,
+                    )
             if close_scope.cancelled_caught:
-                logger.warning("closing session %s timed out", self.session_id)
-            logger.info("session %s closed", self.session_id)
+                logger.warning(
+                    "closing session %s timed out", self.session_id, extra=self._log_extra
+                )
+            logger.info(
+                "session %s of %s closed (%s)",
+                self.session_id,
+                hooks.entity_path,
+                "lock lost" if self._lock_lost is not None else self._close_reason or "done",
+                extra=self._log_extra,
+            )
             on_exit(self)
             self.done.set()
+
+    def _close_requests(self) -> None:
+        """No more commands: the service task (if any) ends once it has done those sent."""
+        self._nursery = None  # and no service task from now on
+        if self._requests_tx is not None:
+            self._requests_tx.close()
 
     async def _initialize(self) -> bool:
         callback = self._hooks.session_initializing
@@ -420,6 +614,7 @@ class SessionActor:
         try:
             await callback(self.context)
         except Exception as exc:
+            self._close_reason = "session_initializing failed"
             await self._report_unless_lost(exc, ErrorSource.ACCEPT_SESSION, handler=False)
             return False
         return True
@@ -428,7 +623,7 @@ class SessionActor:
         callback = self._hooks.session_closing
         if callback is None:
             return
-        with trio.CancelScope(deadline=self._grace_scope.deadline):
+        with trio.CancelScope(deadline=self._grace_deadline):
             try:
                 await callback(self.context)
             except Exception as exc:
@@ -447,15 +642,49 @@ class SessionActor:
         if hooks.process_session is not None:
             await self._run_session(hooks.process_session)
         elif self._options.max_concurrent_calls_per_session == 1:
-            while (message := await self._next_message()) is not None:
-                await self._handle(message)
+            await self._run_inline()
         else:
             await self._run_concurrent()
+
+    async def _run_inline(self) -> None:
+        """Receive and handle one message at a time, in this task.
+
+        The grace scope around this loop doubles as the idle clock of every wait (issue
+        #8: a scope per message was a main cost, and each live scope costs memory):
+        `_receive_within` moves its deadline to the idle deadline around each wait and
+        back to the grace deadline, so handler time never counts as idle. When either
+        fires, the work ends the same way: out of the grace scope, to give back and close.
+        This loop is `_next_message` unrolled: each coroutine layer costs per message.
+        """
+        grace = self._idle_scope = self._grace_scope
+        max_count = 1 + self._options.prefetch_count
+        try:
+            while not self._draining:
+                if not self._buffer:
+                    batch = await self._receive_within(grace, max_count, idle=True)
+                    if not batch:
+                        return
+                    self._buffer = batch[::-1]
+                    if self.released():  # released while the batch arrived: given back
+                        return
+                await self._handle(self._buffer.pop())
+        finally:
+            self._idle_scope = None
 
     # -- receiving -------------------------------------------------------------------------
 
     def _received(self, batch: list[ReceivedMessage]) -> None:
         self._hooks.counters.messages_received += len(batch)
+        if logger.isEnabledFor(logging.DEBUG):
+            for message in batch:
+                logger.debug(
+                    "session %s: received message %s (sequence number %s, delivery count %s)",
+                    self.session_id,
+                    message.message_id,
+                    message.sequence_number,
+                    message.delivery_count,
+                    extra=self._log_extra,
+                )
         if self._peek_lock:
             for message in batch:
                 if message.lock_token is not None:
@@ -464,47 +693,66 @@ class SessionActor:
     async def _receive(self, max_count: int, idle: bool) -> list[ReceivedMessage] | None:
         """Receive up to ``max_count`` messages; None when idle or released.
 
+        In the inline loop the idle clock is the grace scope (see `_run_inline`), which
+        raises `trio.Cancelled` out of here when it fires; elsewhere each wait has a
+        scope of its own.
+        """
+        held = self._idle_scope
+        if held is not None:
+            return await self._receive_within(held, max_count, idle)
+        with trio.CancelScope() as scope:
+            return await self._receive_within(scope, max_count, idle)
+        if not self._draining:
+            self._close_reason = "idle"
+        return None  # the wait ran idle
+
+    async def _receive_within(
+        self, scope: trio.CancelScope, max_count: int, idle: bool
+    ) -> list[ReceivedMessage] | None:
+        """Receive with ``scope`` as the idle clock; None when released or failed.
+
         The idle clock runs only when ``idle`` (nothing in flight or buffered); transient
-        errors are reported and retried with backoff, within the same scope.
+        errors are reported and retried with backoff, each attempt with a fresh idle
+        deadline. When the idle deadline passes, ``scope`` is cancelled.
         """
         while not self._draining:
             timeout = self._options.session_idle_timeout if idle else math.inf
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                self._receive_scope = scope
-                try:
-                    batch = await self._link.receive(max_count)
-                except SessionLockLostError as exc:
-                    await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
-                except TRANSIENT_ERRORS as exc:
-                    await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    await trio.sleep(self._options.retry.delay(self._receive_attempt))
-                    self._receive_attempt += 1
-                    continue
-                except Exception as exc:
-                    # Not retryable: report it and give the session back.
-                    await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
-                    self.release()
-                    return None
-                self._receive_attempt = 0
-                self._received(batch)
-                return batch
-            self._receive_scope = None
-            if scope.cancelled_caught:
+            scope.deadline = min(trio.current_time() + timeout, self._grace_deadline)
+            self._receive_scope = scope
+            try:
+                batch = await self._link.receive(max_count)
+            except SessionLockLostError as exc:
+                await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
+            except TRANSIENT_ERRORS as exc:
+                await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+                await trio.sleep(self._options.retry.delay(self._receive_attempt))
+                self._receive_attempt += 1
+                continue
+            except Exception as exc:
+                # Not retryable: report it and give the session back.
+                await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
+                self.release("receive failed")
                 return None
+            finally:
+                self._receive_scope = None
+                scope.deadline = self._grace_deadline
+            self._receive_attempt = 0
+            self._received(batch)
+            return batch
         return None
 
     async def _next_message(self) -> ReceivedMessage | None:
-        """The next message for the inline handler or the actor form; None ends the session."""
+        """The next message for the actor form; None ends the session."""
         if self._draining:
             return None
         if not self._buffer:
             batch = await self._receive(1 + self._options.prefetch_count, idle=True)
             if not batch:
                 return None
-            self._buffer.extend(batch)
+            self._buffer = batch[::-1]
             if self.released():  # released while the batch arrived: it is given back
                 return None
-        return self._buffer.popleft()
+        return self._buffer.pop()
 
     # -- handling ------------------------------------------------------------------------------
 
@@ -515,12 +763,27 @@ class SessionActor:
         token = message.lock_token or ""
         if self._open.pop(token, None) is None:
             return
-        try:
-            await self._request("settle", settlement)
-        except SessionLockLostError:
-            await trio.sleep_forever()  # noted by the service task; the lock scope is cancelled
-        except Exception as exc:
-            await self._hooks.report(exc, _settle_source(settlement), self.session_id, False)
+        error: BaseException | None
+        if self._settle_inline:
+            # The task that receives settles too: no command, no hop to the service task,
+            # no event to wait on (issue #8); the link sees one caller at a time as before.
+            results = await self._settle_batch([settlement])
+            if logger.isEnabledFor(logging.DEBUG):
+                self._log_settled([settlement], results)
+            (error,) = results
+            self._count_settled([settlement], results)
+        else:
+            # Several workers: the service task serialises their settlements, in batches.
+            try:
+                await self._request("settle", settlement)
+            except Exception as exc:
+                error = exc
+            else:
+                error = None
+        if isinstance(error, SessionLockLostError):
+            await trio.sleep_forever()  # noted; the lock scope is cancelled
+        elif error is not None:
+            await self._hooks.report(error, _settle_source(settlement), self.session_id, False)
 
     async def _handle(self, message: ReceivedMessage) -> None:
         callback = self._hooks.process_message
@@ -540,9 +803,13 @@ class SessionActor:
             await self._report_unless_lost(exc, ErrorSource.PROCESS_MESSAGE, handler=True)
             if self._current is not None:
                 await self._auto_settle(self._current, Abandon(self._current))
+            if self._close_reason is None:
+                self._close_reason = "process_session raised"
         else:
             if self._current is not None:
                 await self._auto_settle(self._current, Complete(self._current))
+            if self._close_reason is None:
+                self._close_reason = "process_session returned"
         self._current = None
 
     async def _give_back(self, messages: list[ReceivedMessage]) -> None:
@@ -551,7 +818,7 @@ class SessionActor:
         for message in messages:
             if self._open.pop(message.lock_token or "", None) is not None:
                 request = _Request("settle", Abandon(message))
-                await self._requests_tx.send(request)
+                await self._send_request(request)
                 requests.append(request)
         for request in requests:
             await request.done.wait()
@@ -570,8 +837,8 @@ class SessionActor:
                 while not self._draining:
                     free = capacity - self._busy
                     if free == 0:
-                        await self._wake_pump.wait()
-                        self._wake_pump = trio.Event()
+                        self._wake_pump = wake = trio.Event()
+                        await wake.wait()
                         continue
                     batch = await self._receive(free, idle=self._busy == 0)
                     if batch is None:  # idle (only when nothing is busy), released, or failed
@@ -592,7 +859,8 @@ class SessionActor:
                         await self._handle(message)
                 finally:
                     self._busy -= 1
-                    self._wake_pump.set()
+                    if self._wake_pump is not None:
+                        self._wake_pump.set()
                     if self._busy == 0 and self._receive_scope is not None:
                         # Nothing in flight: the idle clock starts now.
                         self._receive_scope.deadline = (

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import trio
 
 from ._demo import DemoProgress, DemoResult, run_demo
+from ._run import add_run_parser, run
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    commands.add_parser("run", help="process a real entity (not available yet)")
+    add_run_parser(commands)
     emulator = commands.add_parser(
         "emulator",
         help="serve a MemoryBroker over AMQP 1.0 for the Service Bus SDKs",
@@ -159,11 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``trio-sessions`` and ``python -m trio_sessions``."""
     args = _parser().parse_args(argv)
     if args.command == "run":
-        print(
-            "trio-sessions run: not available yet (tracked by the production runner issue)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        sys.exit(run(args))
     if args.command == "emulator":
         sys.exit(_emulator(args))
     progress = _Progress(sys.stderr, live=not args.json and sys.stderr.isatty())

@@ -33,9 +33,13 @@ from ._errors import (
     ErrorSource,
     OperationTimeoutError,
     SessionCannotBeLockedError,
+    SessionLockLostError,
 )
 from ._messages import EntityPath
 from ._options import ReceiveMode, SessionManagerOptions
+from ._otel import telemetry_for
+from ._redact import Redacted, library_logger
+from ._renewal import LockTimers
 from ._stats import Counters, ManagerStats
 
 if TYPE_CHECKING:
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SessionManager", "open_session_manager"]
 
-logger = logging.getLogger("trio_sessions")
+logger = library_logger("trio_sessions.manager")
 
 #: Accepts of next-available sessions in flight at once: enough that one slow accept
 #: does not serialise acquisition, few enough not to hold many server-side waits.
@@ -56,6 +60,14 @@ ErrorHandler = Callable[[ErrorContext], Awaitable[object]]
 _RETRIED_ACCEPT_ERRORS: tuple[type[BaseException], ...] = (
     *TRANSIENT_ERRORS,
     SessionCannotBeLockedError,
+)
+
+
+#: Reported errors logged at WARNING, not ERROR: retried, or recovered from by the
+#: broker (a lost lock's messages are delivered again).
+_SELF_HEALING_ERRORS: tuple[type[BaseException], ...] = (
+    *_RETRIED_ACCEPT_ERRORS,
+    SessionLockLostError,
 )
 
 
@@ -117,6 +129,8 @@ class SessionManager:
         self._not_running = trio.Event()
         self._not_running.set()
         self._accept_scope: trio.CancelScope | None = None
+        self._accepting = False
+        self._timers = LockTimers()
         self._fatal: BaseException | None = None
         self._process_error: ErrorHandler | None = None
         self._rng = random.Random()
@@ -220,16 +234,23 @@ class SessionManager:
         self._running = True
         self._not_running = trio.Event()
         self._process_error = process_error
+        # Decided once per run: OpenTelemetry set up after subscribe* started is not seen.
+        telemetry = telemetry_for(self._entity, self._backend)
+        timers = self._timers = LockTimers()
         hooks = ActorHooks(
             options=self._options,
             receive_mode=self._receive_mode,
             entity_path=self._entity.path,
             counters=self._counters,
-            report=self._report,
+            report=self._report if telemetry is None else telemetry.traced_report(self._report),
+            telemetry=telemetry,
+            schedule_lock_timer=timers.schedule,
             **callbacks,
         )
         try:
             async with trio.open_nursery() as supervisor:
+                supervisor.start_soon(timers.run, name="lock timers")
+                self._accepting = True
                 limiter = trio.CapacityLimiter(self._options.max_concurrent_sessions)
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
@@ -260,7 +281,11 @@ class SessionManager:
                                     name=f"acceptor {sid}",
                                 )
                 self._accept_scope = None
+                self._accepting = False
+                if self._counters.active_sessions == 0:
+                    timers.finish()
         finally:
+            self._accepting = False
             self._running = False
             self._not_running.set()
         if self._fatal is not None:
@@ -329,6 +354,8 @@ class SessionManager:
             if self._actors.get(sid) is done:
                 del self._actors[sid]
             limiter.release_on_behalf_of(borrower)
+            if not self._accepting and counters.active_sessions == 0:
+                self._timers.finish()  # accepting is over and this was the last actor
 
         supervisor.start_soon(actor.run, on_exit, name=f"session {sid}")
         if self._stopped:
@@ -337,7 +364,12 @@ class SessionManager:
 
     def _fail(self, error: BaseException) -> None:
         """A fatal error: remember the first, stop, and let ``subscribe*`` raise it."""
-        logger.error("fatal error on %s: %s", self._entity.path, error)
+        logger.error(
+            "fatal error on %s: %s",
+            self._entity.path,
+            Redacted(error),
+            extra={"session_id": None, "entity_path": self._entity.path},
+        )
         if self._fatal is None:
             self._fatal = error
         self.stop()
@@ -353,19 +385,31 @@ class SessionManager:
             error=error, source=source, session_id=session_id, entity_path=self._entity.path
         )
         callback = self._process_error
+        extra = {"session_id": session_id, "entity_path": self._entity.path}
+        # Logged whether or not process_error handles it, so operators see it without the
+        # application's help: WARNING for what is retried or recovers by itself (a lost
+        # lock: the messages come back), ERROR for the rest, handler exceptions included.
+        # The traceback only when nobody else gets the exception.
+        logger.log(
+            logging.WARNING if isinstance(error, _SELF_HEALING_ERRORS) else logging.ERROR,
+            "%s error in session %s of %s: %s",
+            source.value,
+            session_id,
+            self._entity.path,
+            Redacted(error, use_repr=True),
+            exc_info=error if callback is None and handler else None,
+            extra=extra,
+        )
         if callback is None:
-            logger.warning(
-                "%s error in session %s of %s: %r",
-                source.value,
-                session_id,
-                self._entity.path,
-                error,
-            )
             return
         try:
             await callback(context)
         except Exception:
-            logger.exception("process_error raised while handling %r", error)
+            logger.exception(
+                "process_error raised while handling %s",
+                Redacted(error, use_repr=True),
+                extra=extra,
+            )
 
     def stopped(self) -> bool:
         """Whether `stop` was called (it is final)."""

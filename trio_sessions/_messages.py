@@ -67,6 +67,27 @@ def _to_ttl(value: object) -> float | None:
     return float(value)
 
 
+def _to_enqueue_time(value: object) -> dt.datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"Message.scheduled_enqueue_time must be a datetime or None, not {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            "Message.scheduled_enqueue_time must be timezone-aware (e.g. tzinfo=datetime.UTC), "
+            f"got {value!r}"
+        )
+    return value.astimezone(dt.UTC)
+
+
+def _to_properties_to_modify(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise TypeError(f"properties_to_modify must be a mapping with str keys, not {value!r}")
+    return dict(value)
+
+
 @attrs.frozen
 class Message:
     """A message to send with `MemoryBroker.send` or `AzureServiceBus.send`.
@@ -81,6 +102,10 @@ class Message:
         content_type, correlation_id, subject: the standard Service Bus properties.
         time_to_live: seconds (or a `datetime.timedelta`) after which an undelivered
             message expires.
+        to, reply_to, reply_to_session_id: addressing properties, carried unchanged.
+        scheduled_enqueue_time: a timezone-aware time before which the message is not
+            delivered (Service Bus scheduled messages); None sends it at once.
+        partition_key: carried unchanged (the MemoryBroker has no partitions).
     """
 
     body: bytes = attrs.field(converter=_body_to_bytes)
@@ -101,6 +126,19 @@ class Message:
         default=None, kw_only=True, validator=_optional_str("subject")
     )
     time_to_live: float | None = attrs.field(default=None, kw_only=True, converter=_to_ttl)
+    to: str | None = attrs.field(default=None, kw_only=True, validator=_optional_str("to"))
+    reply_to: str | None = attrs.field(
+        default=None, kw_only=True, validator=_optional_str("reply_to")
+    )
+    reply_to_session_id: str | None = attrs.field(
+        default=None, kw_only=True, validator=_optional_str("reply_to_session_id")
+    )
+    scheduled_enqueue_time: dt.datetime | None = attrs.field(
+        default=None, kw_only=True, converter=_to_enqueue_time
+    )
+    partition_key: str | None = attrs.field(
+        default=None, kw_only=True, validator=_optional_str("partition_key")
+    )
 
     @session_id.validator
     def _non_empty_session(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
@@ -117,6 +155,8 @@ class ReceivedMessage:
     ``locked_until`` is the lock's expiry at delivery and is not updated; see
     `SessionContext.locked_until` for the current one. ``raw`` is the backend's own
     object (the SDK's ``ServiceBusReceivedMessage`` on Azure), or None.
+    ``time_to_live`` is the message's effective time to live in seconds (its own, else
+    the entity's default), None if it never expires.
     """
 
     body: bytes
@@ -133,6 +173,12 @@ class ReceivedMessage:
     subject: str | None = None
     dead_letter_reason: str | None = None
     dead_letter_error_description: str | None = None
+    to: str | None = None
+    reply_to: str | None = None
+    reply_to_session_id: str | None = None
+    time_to_live: float | None = None
+    scheduled_enqueue_time: dt.datetime | None = None
+    partition_key: str | None = None
     raw: object = attrs.field(default=None, repr=False, eq=False)
 
     def text(self, encoding: str = "utf-8") -> str:
@@ -182,25 +228,44 @@ class Complete:
 
 @attrs.frozen
 class Abandon:
-    """Give the message back: it is delivered again, first, with delivery_count + 1."""
+    """Give the message back: it is delivered again, first, with delivery_count + 1.
+
+    ``properties_to_modify`` are merged into the message's application properties
+    (Service Bus's ``propertiesToModify``).
+    """
 
     message: ReceivedMessage
+    properties_to_modify: dict[str, Any] | None = attrs.field(
+        default=None, kw_only=True, converter=_to_properties_to_modify
+    )
 
 
 @attrs.frozen
 class DeadLetter:
-    """Move the message to the entity's dead-letter queue."""
+    """Move the message to the entity's dead-letter queue.
+
+    ``properties_to_modify`` are merged into the message's application properties.
+    """
 
     message: ReceivedMessage
     reason: str | None = None
     error_description: str | None = None
+    properties_to_modify: dict[str, Any] | None = attrs.field(
+        default=None, kw_only=True, converter=_to_properties_to_modify
+    )
 
 
 @attrs.frozen
 class Defer:
-    """Set the message aside: it is then only received by its sequence number."""
+    """Set the message aside: it is then only received by its sequence number.
+
+    ``properties_to_modify`` are merged into the message's application properties.
+    """
 
     message: ReceivedMessage
+    properties_to_modify: dict[str, Any] | None = attrs.field(
+        default=None, kw_only=True, converter=_to_properties_to_modify
+    )
 
 
 Settlement = Complete | Abandon | DeadLetter | Defer

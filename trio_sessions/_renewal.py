@@ -8,7 +8,14 @@ session once less than the margin is left, so a quiet session ends without error
 
 from __future__ import annotations
 
-__all__ = ["MAX_RENEWAL_MARGIN", "next_lock_action", "renewal_margin"]
+import heapq
+import itertools
+import math
+from typing import Protocol
+
+import trio
+
+__all__ = ["MAX_RENEWAL_MARGIN", "LockTimers", "next_lock_action", "renewal_margin"]
 
 #: The largest margin kept before a lock expires (seconds), as .NET does.
 MAX_RENEWAL_MARGIN = 10.0
@@ -28,3 +35,50 @@ def next_lock_action(
     """
     when = locked_until - renewal_margin(lock_duration)
     return when, when < give_up_at
+
+
+class _TimerTarget(Protocol):
+    def lock_timer_due(self) -> None: ...
+
+
+class LockTimers:
+    """One task that holds the first lock timer of every session actor (internal).
+
+    An actor's service task renews its lock; starting that task only when it is needed
+    (the first command, or this timer) spares every short-lived or quiet session a
+    second task (issue #8). The timer task lives in the supervisor nursery and ends when
+    `finish` is called (accepting is over and no actor is left) or when it is cancelled.
+    Entries of actors that have ended stay until they are due and then do nothing.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _TimerTarget]] = []
+        self._order = itertools.count()
+        self._scope: trio.CancelScope | None = None
+        self._finished = False
+
+    def schedule(self, target: _TimerTarget, when: float) -> None:
+        """Call ``target.lock_timer_due()`` at Trio-clock time ``when``."""
+        if when == math.inf:
+            return
+        heapq.heappush(self._heap, (when, next(self._order), target))
+        if self._scope is not None and when < self._scope.deadline:
+            self._scope.deadline = when
+
+    def finish(self) -> None:
+        """End the timer task: no actor can schedule a timer any more."""
+        self._finished = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        """Fire the timers as they come due, until `finish`."""
+        heap = self._heap
+        while not self._finished:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                heapq.heappop(heap)[2].lock_timer_due()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 
 from trio_sessions import (
     AzureServiceBus,
@@ -32,6 +34,7 @@ from trio_sessions import (
     MemoryBroker,
     Message,
     MessageNotFoundError,
+    OperationTimeoutError,
     ReceivedMessage,
     ReceiveMode,
     SessionCannotBeLockedError,
@@ -42,31 +45,85 @@ from trio_sessions import (
     SessionsNotEnabledError,
     open_session_manager,
 )
+from trio_sessions._messages import EntityPath
 from trio_sessions.emulator import serve_emulator
 
-Q = "q"
-PLAIN = "plain"
-#: Short enough for real-time runs, long enough for a loaded 2-core machine.
-LOCK = 4.0
+#: Entity names; with ``-m azure`` they must exist in the live namespace (see
+#: docs/howto/testing), and the environment can rename them.
+Q = os.environ.get("TRIO_SESSIONS_TEST_QUEUE", "trio-sessions-contract")
+PLAIN = os.environ.get("TRIO_SESSIONS_TEST_PLAIN_QUEUE", "trio-sessions-contract-plain")
+TOPIC = os.environ.get("TRIO_SESSIONS_TEST_TOPIC", "trio-sessions-contract-topic")
+SUB = os.environ.get("TRIO_SESSIONS_TEST_SUBSCRIPTION", "sessions")
+#: The session entities' lock duration: short enough for real-time runs, long enough for
+#: a loaded 2-core machine (a live namespace allows 5 s at the least).
+LOCK = float(os.environ.get("TRIO_SESSIONS_TEST_LOCK_DURATION", "4"))
 IDLE = 0.4
 #: A ceiling on every test body: a hang fails at once under autojump, and in 60 s on Azure.
 CEILING = 60
+LIVE_CONN_STR = "SERVICEBUS_CONNECTION_STR"
 
 
 @attrs.define
 class Harness:
-    """One backend under test, and the MemoryBroker behind it (for inspection)."""
+    """One backend under test, and a way to look at the entities behind it.
+
+    On the MemoryBroker and the emulator, inspection reads the MemoryBroker; on a live
+    namespace it goes through the SDK (peek, the dead-letter queue, session state), and
+    what only a MemoryBroker can do (list locks, expire one) skips the test.
+    """
 
     kind: str
     backend: Any
-    broker: MemoryBroker
+    broker: MemoryBroker | None
+    sessions: set[str] = attrs.field(factory=set)
 
     async def send(self, *messages: Message, entity: str = Q) -> None:
+        self.sessions.update(m.session_id for m in messages if m.session_id is not None)
         await self.backend.send(entity, list(messages))
 
+    def locked_sessions(self, entity: str) -> list[str]:
+        if self.broker is None:
+            pytest.skip("a live namespace does not list session locks")
+        return self.broker.locked_sessions(entity)
 
-@pytest.fixture(params=["memory", "azure"])
+    def expire_session_lock(self, entity: str, session_id: str) -> None:
+        if self.broker is None:
+            pytest.skip("a live namespace has no fault injection")
+        self.broker.expire_session_lock(entity, session_id)
+
+    async def active_messages(self, entity: str) -> list[ReceivedMessage]:
+        if self.broker is not None:
+            return self.broker.active_messages(entity)
+        found: list[ReceivedMessage] = []
+        for session_id in sorted(self.sessions):
+            found.extend(await _live_peek(self.backend, entity, session_id))
+        return found
+
+    async def active_message_count(self, entity: str) -> int:
+        if self.broker is not None:
+            return self.broker.active_message_count(entity)
+        return len(await self.active_messages(entity))
+
+    async def dead_letter_messages(self, entity: str) -> list[ReceivedMessage]:
+        if self.broker is not None:
+            return self.broker.dead_letter_messages(entity)
+        return await _live_dead_letters(self.backend, entity)
+
+    async def session_state(self, entity: str, session_id: str) -> bytes | None:
+        if self.broker is not None:
+            return self.broker.session_state(entity, session_id)
+        link = await self.backend.accept_session(_entity(entity), session_id, max_wait_time=5)
+        try:
+            state: bytes | None = await link.get_state()
+            return state
+        finally:
+            await link.aclose()
+
+
+@pytest.fixture(params=["memory", "azure", pytest.param("live", marks=pytest.mark.azure)])
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "live" and not os.environ.get(LIVE_CONN_STR):
+        pytest.skip(f"set {LIVE_CONN_STR} to run the contract suite on a live namespace")
     return str(request.param)
 
 
@@ -77,11 +134,16 @@ def clock(kind: str) -> trio.testing.MockClock | None:
 
 @pytest.fixture
 async def harness(kind: str) -> AsyncIterator[Harness]:
+    if kind == "live":
+        async with AzureServiceBus.from_connection_string(os.environ[LIVE_CONN_STR]) as sb:
+            await _live_purge(sb)
+            yield Harness(kind, sb, None)
+        return
     broker = MemoryBroker()
     broker.create_queue(Q, lock_duration=LOCK, max_delivery_count=5)
     broker.create_queue(PLAIN, requires_session=False)
-    broker.create_topic("t")
-    broker.create_subscription("t", "s", lock_duration=LOCK)
+    broker.create_topic(TOPIC)
+    broker.create_subscription(TOPIC, SUB, lock_duration=LOCK)
     if kind == "memory":
         yield Harness(kind, broker, broker)
         return
@@ -90,6 +152,97 @@ async def harness(kind: str) -> AsyncIterator[Harness]:
             emulator.connection_string, retry_total=0
         ) as sb:
             yield Harness(kind, sb, broker)
+
+
+# -- live-namespace inspection, through the SDK (only with -m azure) --------------------------
+
+
+def _entity(path: str) -> EntityPath:
+    topic, sep, sub = path.partition("/subscriptions/")
+    return EntityPath(topic_name=topic, subscription_name=sub) if sep else EntityPath(path)
+
+
+async def _live_peek(backend: Any, entity: str, session_id: str) -> list[ReceivedMessage]:
+    """The messages left in one session of a live entity (peeked, not locked)."""
+    from trio_sessions.backends._azure import _message_from_sdk
+
+    try:
+        link = await backend.accept_session(_entity(entity), session_id, max_wait_time=5)
+    except OperationTimeoutError:
+        return []
+    try:
+        raw = await backend._call(link._receiver.peek_messages, max_message_count=100)
+        return [_message_from_sdk(m, None) for m in raw]
+    finally:
+        await link.aclose()
+
+
+async def _live_dead_letters(backend: Any, entity: str) -> list[ReceivedMessage]:
+    """A live entity's dead-letter queue, peeked."""
+    from azure.servicebus import ServiceBusSubQueue
+
+    from trio_sessions.backends._azure import _message_from_sdk
+
+    client = backend._require_client()
+    path = _entity(entity)
+    if path.queue_name is not None:
+        receiver = client.get_queue_receiver(
+            path.queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+        )
+    else:
+        receiver = client.get_subscription_receiver(
+            path.topic_name, path.subscription_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+        )
+    async with trio_asyncio.aio_as_trio(receiver):
+        raw = await backend._call(receiver.peek_messages, max_message_count=100)
+    return [_message_from_sdk(m, None) for m in raw]
+
+
+async def _live_purge(backend: Any) -> None:
+    """Empty the live session entities and their dead-letter queues before a test."""
+    from azure.servicebus import ServiceBusReceiveMode, ServiceBusSubQueue
+
+    client = backend._require_client()
+    for path in (Q, f"{TOPIC}/subscriptions/{SUB}"):
+        while True:
+            try:
+                link = await backend.accept_session(
+                    _entity(path),
+                    None,
+                    receive_mode=ReceiveMode.RECEIVE_AND_DELETE,
+                    max_wait_time=2,
+                )
+            except OperationTimeoutError:
+                break
+            try:
+                with trio.move_on_after(2):
+                    while await link.receive(100):
+                        pass
+                await link.set_state(None)
+            finally:
+                await link.aclose()
+        link = await backend.accept_session(_entity(path), "s", max_wait_time=5)
+        try:
+            await link.set_state(None)  # the state test starts from none
+        finally:
+            await link.aclose()
+        entity = _entity(path)
+        if entity.queue_name is not None:
+            dlq = client.get_queue_receiver(
+                entity.queue_name,
+                sub_queue=ServiceBusSubQueue.DEAD_LETTER,
+                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
+            )
+        else:
+            dlq = client.get_subscription_receiver(
+                entity.topic_name,
+                entity.subscription_name,
+                sub_queue=ServiceBusSubQueue.DEAD_LETTER,
+                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
+            )
+        async with trio_asyncio.aio_as_trio(dlq):
+            while await backend._call(dlq.receive_messages, max_message_count=100, max_wait_time=1):
+                pass
 
 
 def opts(**kwargs: Any) -> SessionManagerOptions:
@@ -172,7 +325,8 @@ async def test_sessions_in_order_each_completed_once(harness: Harness, clock: ob
 
     async def handle(message: ReceivedMessage, context: SessionContext) -> None:
         assert message.session_id == context.session_id
-        held.append(len(harness.broker.locked_sessions(Q)))
+        if harness.broker is not None:
+            held.append(len(harness.broker.locked_sessions(Q)))
         done.add(message)
 
     async with running(harness, handle, opts(max_concurrent_sessions=2)) as manager:
@@ -183,8 +337,8 @@ async def test_sessions_in_order_each_completed_once(harness: Harness, clock: ob
         by_session.setdefault(message.session_id, []).append(int(message.text()))
     assert by_session == {f"s{k}": [i for i in range(12) if i % 3 == k] for k in range(3)}
     assert all(m.delivery_count == 0 for m in done.seen)
-    assert max(held) <= 2
-    assert harness.broker.active_message_count(Q) == 0
+    assert max(held, default=0) <= 2
+    assert await harness.active_message_count(Q) == 0
     stats = manager.stats()
     assert stats.messages_completed == 12
     assert stats.sessions_accepted >= 3
@@ -201,6 +355,10 @@ async def test_message_fields_round_trip(harness: Harness, clock: object) -> Non
             content_type="application/octet-stream",
             correlation_id="c-1",
             subject="edits",
+            to="doc-service",
+            reply_to="replies",
+            reply_to_session_id="r-1",
+            time_to_live=3600,
         )
     )
     done = Until(1)
@@ -216,6 +374,12 @@ async def test_message_fields_round_trip(harness: Harness, clock: object) -> Non
     assert message.application_properties == {"kind": "edit", "n": 7, "ok": True}
     assert message.content_type == "application/octet-stream"
     assert (message.correlation_id, message.subject) == ("c-1", "edits")
+    assert (message.to, message.reply_to, message.reply_to_session_id) == (
+        "doc-service",
+        "replies",
+        "r-1",
+    )
+    assert message.time_to_live == 3600
     assert message.sequence_number > 0
     assert message.enqueued_time.tzinfo is not None
     assert message.locked_until is not None
@@ -244,7 +408,7 @@ async def test_raising_handler_abandons_and_redelivers(harness: Harness, clock: 
     assert (error.session_id, error.entity_path) == ("s", Q)
     assert manager.stats().messages_abandoned == 1
     assert manager.stats().handler_errors == 1
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
 
 
 async def test_dead_letter_and_defer(harness: Harness, clock: object) -> None:
@@ -279,10 +443,10 @@ async def test_dead_letter_and_defer(harness: Harness, clock: object) -> None:
         await done.reached.wait()
     assert late == ["later"]
     assert len(missing) == 1
-    (dead,) = harness.broker.dead_letter_messages(Q)
+    (dead,) = await harness.dead_letter_messages(Q)
     assert dead.text() == "poison"
     assert (dead.dead_letter_reason, dead.dead_letter_error_description) == ("bad", "unparseable")
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
     stats = manager.stats()
     assert (stats.messages_dead_lettered, stats.messages_deferred) == (1, 1)
 
@@ -306,12 +470,12 @@ async def test_session_state(harness: Harness, clock: object) -> None:
             assert await manager.get_state("s") == b"seen x"
             await manager.set_state("s", "next")
             assert await manager.get_state("s") == b"next"
-    assert harness.broker.session_state(Q, "s") == b"next"
+    assert await harness.session_state(Q, "s") == b"next"
 
 
 async def test_state_of_a_session_held_elsewhere(harness: Harness, clock: object) -> None:
     """get_state on a session another receiver holds raises SessionCannotBeLockedError."""
-    other = await harness.backend.accept_session(_entity(), "busy", max_wait_time=1.0)
+    other = await harness.backend.accept_session(_entity(Q), "busy", max_wait_time=1.0)
     try:
         async with open_session_manager(
             harness.backend, queue_name=Q, options=opts(accept_timeout=0.5)
@@ -326,13 +490,7 @@ async def _settled(manager: SessionManager) -> None:
     """Wait until the manager holds no session (its closing callback ran already)."""
     with trio.fail_after(CEILING):
         while manager.stats().active_sessions:
-            await trio.lowlevel.checkpoint()
-
-
-def _entity() -> Any:
-    from trio_sessions._messages import EntityPath
-
-    return EntityPath(queue_name=Q)
+            await trio.testing.wait_all_tasks_blocked(0.01)
 
 
 async def test_quiet_session_is_released(harness: Harness, clock: object) -> None:
@@ -349,7 +507,7 @@ async def test_quiet_session_is_released(harness: Harness, clock: object) -> Non
         await closed.wait()
         await _settled(manager)
         assert manager.stats().active_sessions == 0
-        assert harness.broker.locked_sessions(Q) == []
+        assert harness.locked_sessions(Q) == []
 
 
 async def test_lock_is_renewed_while_a_handler_runs(harness: Harness, clock: object) -> None:
@@ -371,7 +529,7 @@ async def test_lock_is_renewed_while_a_handler_runs(harness: Harness, clock: obj
     assert errors.seen == []
     assert manager.stats().lock_renewals >= 1
     assert manager.stats().messages_completed == 1
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
 
 
 async def test_lock_loss_is_reported_and_the_message_redelivered(
@@ -392,7 +550,7 @@ async def test_lock_loss_is_reported_and_the_message_redelivered(
     errors = Errors()
     async with running(harness, handle, opts(), errors) as manager:
         await started.wait()
-        harness.broker.expire_session_lock(Q, "s")
+        harness.expire_session_lock(Q, "s")
         go.set()
         lost = await errors.wait_for(SessionLockLostError)
         await done.reached.wait()
@@ -401,7 +559,7 @@ async def test_lock_loss_is_reported_and_the_message_redelivered(
     assert [m.delivery_count for m in done.seen] == [0, 1]
     assert sum(isinstance(e.error, SessionLockLostError) for e in errors.seen) == 1
     assert manager.stats().messages_completed == 1
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
 
 
 async def test_session_ids_only(harness: Harness, clock: object) -> None:
@@ -415,7 +573,7 @@ async def test_session_ids_only(harness: Harness, clock: object) -> None:
     async with running(harness, handle, opts(session_ids=["b"])):
         await done.reached.wait()
     assert [m.session_id for m in done.seen] == ["b"]
-    assert [m.session_id for m in harness.broker.active_messages(Q)] == ["a"]
+    assert [m.session_id for m in await harness.active_messages(Q)] == ["a"]
 
 
 async def test_receive_and_delete(harness: Harness, clock: object) -> None:
@@ -433,7 +591,7 @@ async def test_receive_and_delete(harness: Harness, clock: object) -> None:
     ):
         await done.reached.wait()
     assert [m.text() for m in done.seen] == ["a", "b"]
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
 
 
 async def test_concurrent_calls_and_prefetch(harness: Harness, clock: object) -> None:
@@ -457,7 +615,7 @@ async def test_concurrent_calls_and_prefetch(harness: Harness, clock: object) ->
     assert sorted(int(m.text()) for m in done.seen) == list(range(20))
     assert peak <= 2 * 3
     assert manager.stats().messages_completed == 20
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
 
 
 async def test_actor_form(harness: Harness, clock: object) -> None:
@@ -479,12 +637,12 @@ async def test_actor_form(harness: Harness, clock: object) -> None:
                 await finished.wait()
                 m.stop()
     assert sessions == {"s0": ["0", "2", "4"], "s1": ["1", "3", "5"]}
-    assert harness.broker.active_message_count(Q) == 0
+    assert await harness.active_message_count(Q) == 0
 
 
 async def test_topic_subscription(harness: Harness, clock: object) -> None:
     """A subscription's sessions are read like a queue's; its path is topic/subscriptions/sub."""
-    await harness.backend.send("t", [Message("x", session_id="s")])
+    await harness.send(Message("x", session_id="s"), entity=TOPIC)
     done = Until(1)
     paths: list[str] = []
 
@@ -492,10 +650,10 @@ async def test_topic_subscription(harness: Harness, clock: object) -> None:
         paths.append(context.entity_path)
         done.add(message)
 
-    async with running(harness, handle, opts(), topic_name="t", subscription_name="s"):
+    async with running(harness, handle, opts(), topic_name=TOPIC, subscription_name=SUB):
         await done.reached.wait()
-    assert paths == ["t/subscriptions/s"]
-    assert harness.broker.active_message_count("t/subscriptions/s") == 0
+    assert paths == [f"{TOPIC}/subscriptions/{SUB}"]
+    assert await harness.active_message_count(f"{TOPIC}/subscriptions/{SUB}") == 0
 
 
 async def test_stop_lets_in_flight_handlers_finish(harness: Harness, clock: object) -> None:
@@ -516,8 +674,8 @@ async def test_stop_lets_in_flight_handlers_finish(harness: Harness, clock: obje
                 await started.wait()
                 m.stop()
     assert finished == ["a"]
-    assert [m.text() for m in harness.broker.active_messages(Q)] == ["b"]
-    assert harness.broker.locked_sessions(Q) == []
+    assert [m.text() for m in await harness.active_messages(Q)] == ["b"]
+    assert harness.locked_sessions(Q) == []
 
 
 async def test_unknown_entity_is_fatal(harness: Harness, clock: object) -> None:
@@ -559,6 +717,6 @@ async def test_renewal_ends_and_the_session_is_released(harness: Harness, clock:
         await done.reached.wait()
         await closed.wait()
         await _settled(manager)
-        assert harness.broker.locked_sessions(Q) == []
+        assert harness.locked_sessions(Q) == []
     assert errors.seen == []
     assert manager.stats().lock_renewals == 0

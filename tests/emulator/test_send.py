@@ -45,7 +45,10 @@ def async_send(conn_str: str, entity: str, messages: list[ServiceBusMessage]) ->
             async with client.get_queue_sender(entity) as sender:
                 await sender.send_messages(messages)
 
-    asyncio.run(send())
+    # A plain asyncio loop: once trio_asyncio is imported (the Azure backend imports it),
+    # asyncio.run would run trio-asyncio's own loop instead.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(send())
 
 
 @pytest.mark.parametrize("send", [sync_send, async_send], ids=["sync", "asyncio"])

@@ -9,9 +9,9 @@ SDK exception stays reachable as ``__cause__``). SDK objects never leave this mo
 except as `ReceivedMessage.raw`.
 
 One receiver per accepted session, used by one task at a time: each `AzureSessionLink`
-serialises its SDK calls behind a Trio lock, and a waiting receive gives that lock up
-every `RECEIVE_SLICE` seconds so that settlements and renewals get their turn. A batch of
-settlements crosses the bridge once.
+serialises its SDK calls behind a Trio lock; a waiting receive is preempted by any other
+call on its link (a settlement, a renewal), which goes first. A batch of settlements
+crosses the bridge once.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib
 import re
 import urllib.parse
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, final
 
 import trio
 import trio_asyncio
+from azure.core.exceptions import ClientAuthenticationError
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusReceiveMode
 from azure.servicebus import exceptions as sdk_errors
 from azure.servicebus.aio import ServiceBusClient
@@ -65,9 +67,11 @@ RECEIVE_SLICE = 1.0
 #: How long closing a receiver or sender may take when it is shielded; also how long a
 #: cancelled SDK call may take to end.
 CLOSE_TIMEOUT = 10.0
-#: How long a cancelled SDK call may go on before it is cancelled again (see `_run_in_loop`):
+#: How long a cancelled SDK call may go on before it is cancelled again (see `_Call`):
 #: long enough for the SDK's own cleanup on cancellation, which a second cancel would cut.
 _CANCEL_AGAIN_AFTER = 1.0
+#: The same for a preempted or cancelled receive, whose cancellation needs no cleanup.
+_CANCEL_RECEIVE_AGAIN_AFTER = 0.01
 
 #: SDK exception → ours, most specific first (the first isinstance match wins).
 _SDK_ERRORS: tuple[tuple[type[BaseException], type[SessionsError]], ...] = (
@@ -165,12 +169,8 @@ def parse_connection_string(conn_str: object) -> dict[str, str]:
 # --------------------------------------------------------------------------- conversions
 
 
-def _trio_time(moment: dt.datetime | None) -> float:
-    """A UTC datetime from the SDK as a Trio-clock time."""
-    if moment is None:
-        return trio.current_time()
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
+def _trio_time(moment: dt.datetime) -> float:
+    """An aware UTC datetime from the SDK as a Trio-clock time."""
     return trio.current_time() + (moment - dt.datetime.now(dt.UTC)).total_seconds()
 
 
@@ -241,6 +241,14 @@ def _message_from_sdk(message: Any, locked_until: dt.datetime | None) -> Receive
         subject=_text(message.subject),
         dead_letter_reason=_text(message.dead_letter_reason),
         dead_letter_error_description=_text(message.dead_letter_error_description),
+        to=_text(message.to),
+        reply_to=_text(message.reply_to),
+        reply_to_session_id=_text(message.reply_to_session_id),
+        time_to_live=(
+            None if message.time_to_live is None else message.time_to_live.total_seconds()
+        ),
+        scheduled_enqueue_time=_aware(message.scheduled_enqueue_time_utc),
+        partition_key=_text(message.partition_key),
         raw=message,
     )
 
@@ -257,6 +265,11 @@ def _message_to_sdk(message: Message) -> ServiceBusMessage:
         time_to_live=(
             None if message.time_to_live is None else dt.timedelta(seconds=message.time_to_live)
         ),
+        to=message.to,
+        reply_to=message.reply_to,
+        reply_to_session_id=message.reply_to_session_id,
+        scheduled_enqueue_time_utc=message.scheduled_enqueue_time,
+        partition_key=message.partition_key,
     )
 
 
@@ -271,44 +284,81 @@ def _translate_sdk_errors() -> Iterator[None]:
                 raise ours(str(exc)) from exc
         if _SESSIONS_NOT_ENABLED.search(str(exc)):
             raise SessionsNotEnabledError(str(exc)) from exc
+        # A credential that cannot get a token (DefaultAzureCredential with no identity
+        # signed in): the SDK wraps it in a plain "Handler failed" ServiceBusError.
+        if isinstance(getattr(exc, "inner_exception", None), ClientAuthenticationError):
+            raise AuthenticationError(str(exc)) from exc
         raise
     except sdk_errors.MessageAlreadySettled as exc:
         raise MessageAlreadySettledError(str(exc)) from exc
+    except ClientAuthenticationError as exc:
+        raise AuthenticationError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------- bridge
 
 
-async def _run_in_loop(
-    loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """Run ``await fn(*args, **kwargs)`` as an asyncio task in ``loop``; wait for it in Trio.
+class _Preempted(Exception):
+    """A preemptible SDK call was stopped early to let another call on its receiver in."""
 
-    This is trio-asyncio's ``aio_as_trio`` with one difference, on cancellation: the SDK
-    awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can swallow a
-    cancellation that races its own timeout, so one ``Task.cancel()`` (all trio-asyncio
-    sends) sometimes does not stop the call. Here the task is cancelled again until it
-    ends, within `CLOSE_TIMEOUT`; then `trio.Cancelled` propagates.
+
+@final
+class _Call(Generic[T]):
+    """One asyncio task in the backend's loop, awaited from Trio: the bridge crossing.
+
+    This is trio-asyncio's ``aio_as_trio`` with two differences:
+
+    - **Cancellation** is sent again until the task ends (within `CLOSE_TIMEOUT`): the
+      SDK awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can
+      swallow a cancellation that races its own timeout, so the single
+      ``Task.cancel()`` of trio-asyncio sometimes did not stop an accept.
+    - **Preemption**: `preempt` stops a waiting call (a receive) early so that another
+      call on the same receiver can go first; `result` then raises `_Preempted`, unless
+      the task finished anyway, in which case its result is kept (nothing is dropped).
     """
 
-    async def call() -> T:
-        return await fn(*args, **kwargs)
+    #: How long a cancelled task may go on before it is cancelled again.
+    cancel_again_after = _CANCEL_AGAIN_AFTER
 
-    task = asyncio.ensure_future(call(), loop=loop)
-    done = trio.Event()
-    task.add_done_callback(lambda _: done.set())
-    try:
-        await done.wait()
-    except trio.Cancelled:
+    def __init__(self, loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs):
+        async def call() -> T:
+            return await fn(*args, **kwargs)
+
+        self._wake = trio.Event()
+        self._task: asyncio.Future[T] = asyncio.ensure_future(call(), loop=loop)
+        self._task.add_done_callback(lambda _: self._wake.set())
+
+    def preempt(self) -> None:
+        self._wake.set()
+
+    async def result(self) -> T:
+        try:
+            await self._wake.wait()
+        except trio.Cancelled:
+            await self._stop()  # noqa: ASYNC102 - _stop shields itself, with a deadline
+            if self._task.done() and not self._task.cancelled():
+                self._task.exception()  # retrieved: asyncio must not log it as never retrieved
+            raise
+        if not self._task.done():
+            await self._stop()
+            if not self._task.done():
+                # Still running after CLOSE_TIMEOUT of cancellations: the receiver cannot
+                # be used safely any more, so its session ends as after a lost connection.
+                raise ServiceBusConnectionError(
+                    f"an SDK call did not stop within {CLOSE_TIMEOUT} s of being cancelled"
+                )
+        if self._task.cancelled():
+            raise _Preempted
+        return self._task.result()
+
+    async def _stop(self) -> None:
+        done = trio.Event()
+        self._task.add_done_callback(lambda _: done.set())
         with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
-            while not task.done():
-                task.cancel()
-                with trio.move_on_after(_CANCEL_AGAIN_AFTER):
+            while not self._task.done():
+                self._task.cancel()
+                with trio.move_on_after(self.cancel_again_after):
                     await done.wait()
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: asyncio must not log it as never retrieved
-        raise
-    return task.result()
 
 
 def _track_amqp_clients(handler: Any) -> list[Any]:
@@ -382,6 +432,7 @@ class AzureServiceBus:
         self._credential = credential
         self._client_kwargs = client_kwargs
         self._conn_str: str | None = None
+        self._owns_credential = False
         self._stack: AsyncExitStack | None = None
         self._loop: Any = None
         self._client: ServiceBusClient | None = None
@@ -394,7 +445,7 @@ class AzureServiceBus:
         """Build from ``Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...``.
 
         The string is checked here, before any connection is made (see
-        `parse_connection_string`); ``UseDevelopmentEmulator=true`` strings (the
+        ``parse_connection_string``); ``UseDevelopmentEmulator=true`` strings (the
         emulator's) work too.
 
         Raises:
@@ -403,6 +454,22 @@ class AzureServiceBus:
         parts = parse_connection_string(conn_str)
         self = cls(parts["host"].partition(":")[0], None, **client_kwargs)
         self._conn_str = conn_str
+        return self
+
+    @classmethod
+    def _with_default_credential(cls, namespace: str, **client_kwargs: Any) -> AzureServiceBus:
+        """Sign in with ``azure.identity.aio.DefaultAzureCredential``, closed on exit.
+
+        For ``trio-sessions run --namespace``: the credential is the backend's own, so
+        it is closed in the backend's asyncio loop, after the client.
+
+        Raises:
+            ImportError: the ``identity`` extra (azure-identity) is not installed.
+        """
+        # Imported by name: azure-identity is optional, and mypy may not see it.
+        identity = importlib.import_module("azure.identity.aio")
+        self = cls(namespace, identity.DefaultAzureCredential(), **client_kwargs)
+        self._owns_credential = True
         return self
 
     def __repr__(self) -> str:
@@ -428,7 +495,9 @@ class AzureServiceBus:
             stack.push_async_callback(self._close_everything)
         except BaseException as exc:
             self._loop = None
-            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            # Not shielded: the loop's nursery, entered above, must exit outside any scope
+            # opened after it; _close_everything shields the part that needs it.
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)  # noqa: ASYNC102
             raise
         self._stack = stack
         return self
@@ -449,12 +518,15 @@ class AzureServiceBus:
         if stack is None:
             return False
         try:
-            return bool(await stack.__aexit__(exc_type, exc, tb))
+            # Not shielded, as in __aenter__: _close_everything shields what needs it.
+            return bool(await stack.__aexit__(exc_type, exc, tb))  # noqa: ASYNC102
         except BaseExceptionGroup as group:
             # The loop's nursery wraps the body's own exception; let it leave as itself
             # (as open_session_manager does), never an unrelated one.
-            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
-                return False
+            if exc is not None:
+                mine, rest = group.split(lambda error: error is exc)
+                if mine is not None and rest is None:
+                    return False
             raise
 
     async def _close_everything(self) -> None:
@@ -470,6 +542,10 @@ class AzureServiceBus:
             if client is not None:
                 with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
                     await self._call(client.close)
+            close_credential = getattr(self._credential, "close", None)
+            if self._owns_credential and close_credential is not None:
+                with contextlib.suppress(Exception):
+                    await self._call(close_credential)
         self._loop = None
 
     async def _call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -479,7 +555,15 @@ class AzureServiceBus:
                 "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
             )
         with _translate_sdk_errors():
-            return await _run_in_loop(self._loop, fn, *args, **kwargs)
+            return await _Call(self._loop, fn, *args, **kwargs).result()
+
+    def _start(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> _Call[T]:
+        """Start a call that can be preempted; await its `_Call.result` inside `_translate`."""
+        if self._loop is None:
+            raise RuntimeError(
+                "AzureServiceBus is not open: use it as 'async with AzureServiceBus...(...) as sb'"
+            )
+        return _Call(self._loop, fn, *args, **kwargs)
 
     def _require_client(self) -> ServiceBusClient:
         if self._client is None:
@@ -533,6 +617,10 @@ class AzureServiceBus:
             receiver = client.get_subscription_receiver(
                 entity.topic_name, entity.subscription_name, **kwargs
             )
+        # The manager retries (RetryPolicy): the SDK's own retries would multiply every wait
+        # (an accept with max_wait_time=0.2 took 15 s with its defaults). The client's
+        # retry settings still apply to sends; receivers take no retry_total of their own.
+        receiver._config.retry_total = 0
         await self._open_handler(receiver)
         link = AzureSessionLink(self, receiver, receive_mode)
         self._links.add(link)
@@ -541,7 +629,7 @@ class AzureServiceBus:
     async def _open_handler(self, handler: ServiceBusReceiver | ServiceBusSender) -> None:
         """Open an SDK receiver or sender; on failure or cancellation, close all it opened.
 
-        Cancellation reaches the SDK's open (see `_run_in_loop`), and the link is closed
+        Cancellation reaches the SDK's open (see `_Call`), and the link is closed
         (detached) before `trio.Cancelled` propagates.
         """
         opened = _track_amqp_clients(handler)
@@ -645,6 +733,8 @@ class AzureSessionLink:
         self._locked_until_utc = _aware(self._session.locked_until_utc) or dt.datetime.now(dt.UTC)
         self._locked_until = _trio_time(self._locked_until_utc)
         self._on_lock_lost: Callable[[SessionLockLostError], None] | None = None
+        self._receiving: _Call[Any] | None = None
+        self._waiting = 0  # calls other than receive waiting for the lock
         self._closed = False
 
     def __repr__(self) -> str:
@@ -671,21 +761,34 @@ class AzureSessionLink:
             callback(error)
 
     async def _sdk(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        """One SDK call on this receiver, alone on it (the lock), through the chokepoint."""
+        """One SDK call on this receiver, alone on it (the lock), through the chokepoint.
+
+        A waiting receive is preempted, so settlements and renewals never wait for it.
+        """
         if self._closed:
             raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
-        async with self._lock:
+        if self._receiving is not None:
+            self._receiving.preempt()
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             try:
                 return await self._backend._call(fn, *args, **kwargs)
             except SessionLockLostError as exc:
                 self._lost(exc)
                 raise
+        finally:
+            self._lock.release()
 
     async def receive(self, max_count: int) -> list[ReceivedMessage]:
         """Wait for at least one message; return up to ``max_count`` in session order.
 
-        The wait is a series of SDK receives of at most `RECEIVE_SLICE` seconds each, so
-        that settlements and renewals queued on this link get their turn in between.
+        The wait is a series of SDK receives of at most `RECEIVE_SLICE` seconds each; any
+        other call on this link (a settlement, a renewal) preempts the one under way,
+        goes first (Trio's lock is fair), and the receive then carries on.
 
         **Cancellation**: the SDK's receive is cancelled and the link stays usable (the
         actor still settles what is in flight, then closes it). A message that reaches
@@ -693,11 +796,29 @@ class AzureSessionLink:
         kept in the SDK's buffer for the next receive.
         """
         while True:
-            batch = await self._sdk(
-                self._receiver.receive_messages,
-                max_message_count=max_count,
-                max_wait_time=RECEIVE_SLICE,
-            )
+            if self._closed:
+                raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+            async with self._lock:
+                if self._waiting:
+                    continue  # another call queued first: let it go (the lock is fair)
+                call = self._receiving = self._backend._start(
+                    self._receiver.receive_messages,
+                    max_message_count=max_count,
+                    max_wait_time=RECEIVE_SLICE,
+                )
+                # A receive has no cleanup worth waiting for, and the lock renewal may be
+                # the call waiting behind it: a swallowed cancellation is sent again soon.
+                call.cancel_again_after = _CANCEL_RECEIVE_AGAIN_AFTER
+                try:
+                    with _translate_sdk_errors():
+                        batch = await call.result()
+                except _Preempted:
+                    continue
+                except SessionLockLostError as exc:
+                    self._lost(exc)
+                    raise
+                finally:
+                    self._receiving = None
             if batch:
                 return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
 
@@ -762,6 +883,8 @@ class AzureSessionLink:
             return
         self._closed = True
         self._backend._links.discard(self)
+        if self._receiving is not None:
+            self._receiving.preempt()
         async with self._lock:
             with contextlib.suppress(SessionsError, sdk_errors.ServiceBusError):
                 await self._backend._call(self._receiver.close)

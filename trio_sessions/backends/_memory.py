@@ -55,7 +55,7 @@ from .._messages import (
 from .._options import ReceiveMode
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from types import TracebackType
 
     from ._abc import Backend, SessionLink
@@ -203,6 +203,14 @@ class _Entity:
     # Entities without sessions lock each message: token -> (deadline, record, receiver).
     message_locks: dict[str, tuple[float, _Record, MemoryReceiver]] = attrs.field(factory=dict)
     message_lock_deadlines: list[tuple[float, str]] = attrs.field(factory=list)
+    # Scheduled messages, not yet enqueued: sequence number -> record, and a heap of
+    # (due time, sequence number); cancelled ones leave stale heap entries behind.
+    scheduled: dict[int, _Record] = attrs.field(factory=dict)
+    scheduled_due: list[tuple[float, int]] = attrs.field(factory=list)
+
+    def next_due(self) -> float:
+        """When the next scheduled message is due (Trio clock), or infinity."""
+        return self.scheduled_due[0][0] if self.scheduled_due else math.inf
 
     def notify(self) -> None:
         """Wake every waiting accept: a session may have become available."""
@@ -214,6 +222,8 @@ class _Entity:
 class _Topic:
     name: str
     subscriptions: dict[str, _Entity] = attrs.field(factory=dict)
+    # A topic numbers its messages once; each subscription's copy keeps that number.
+    sequence: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
 
 
 class MemoryBroker:
@@ -404,8 +414,9 @@ class MemoryBroker:
             raise EntityNotFoundError(f"cannot send to subscription {entity!r}: send to its topic")
         raise EntityNotFoundError(f"no queue or topic named {entity!r}")
 
-    def _send_now(self, entity: str, batch: list[Message]) -> None:
-        """Check a whole batch, then store it (the synchronous part of `send`)."""
+    def _send_now(self, entity: str, batch: list[Message]) -> list[int]:
+        """Check a whole batch, then store it (the synchronous part of `send`); return the
+        messages' sequence numbers."""
         for item in batch:
             if not isinstance(item, Message):
                 raise TypeError(f"send takes Message objects, not {type(item).__name__}")
@@ -425,21 +436,107 @@ class MemoryBroker:
                     )
         self._inject("send")
         now = trio.current_time()
-        for target in targets:
-            for item in batch:
-                self._store(target, item, now)
+        numbers = self._topics[entity].sequence if entity in self._topics else targets[0].sequence
+        sequence_numbers = []
+        for item in batch:
+            seq = next(numbers)
+            sequence_numbers.append(seq)
+            for target in targets:
+                self._store(target, item, now, seq)
+        return sequence_numbers
 
-    def _store(self, entity: _Entity, message: Message, now: float) -> None:
-        seq = next(entity.sequence)
+    async def schedule_messages(
+        self,
+        entity: str,
+        messages: Message | Sequence[Message],
+        enqueue_time: dt.datetime,
+    ) -> list[int]:
+        """Send messages that are enqueued only at ``enqueue_time`` (timezone-aware).
+
+        Until then they are not delivered, not counted as active, and can be cancelled
+        with `cancel_scheduled_messages`; `peek_messages` shows them. Returns their
+        sequence numbers (on a topic, the number every subscription's copy has).
+
+        Raises:
+            EntityNotFoundError: no queue or topic named ``entity``.
+            TypeError: something other than a `Message` was given, or ``enqueue_time``
+                is not a datetime.
+            ValueError: ``enqueue_time`` is naive (no timezone), or a message without
+                ``session_id`` was sent to a queue that requires sessions.
+        """
+        await trio.lowlevel.checkpoint()
+        batch = [messages] if isinstance(messages, Message) else list(messages)
+        for item in batch:
+            if not isinstance(item, Message):
+                raise TypeError(
+                    f"schedule_messages takes Message objects, not {type(item).__name__}"
+                )
+        return self._send_now(
+            entity, [attrs.evolve(m, scheduled_enqueue_time=enqueue_time) for m in batch]
+        )
+
+    async def cancel_scheduled_messages(self, entity: str, sequence_numbers: Sequence[int]) -> None:
+        """Cancel scheduled messages of a queue or topic before they are enqueued.
+
+        Raises:
+            EntityNotFoundError: no queue or topic named ``entity``.
+            MessageNotFoundError: a sequence number is not that of a message still
+                scheduled; then nothing is cancelled.
+        """
+        await trio.lowlevel.checkpoint()
+        self._cancel_scheduled_now(entity, sequence_numbers)
+
+    def _cancel_scheduled_now(self, entity: str, sequence_numbers: Sequence[int]) -> None:
+        targets = self._send_targets(entity)
+        for target in targets:
+            self._activate_scheduled(target)
+        for seq in sequence_numbers:
+            if not any(seq in target.scheduled for target in targets):
+                raise MessageNotFoundError(
+                    f"{entity!r} has no scheduled message with sequence number {seq}"
+                )
+        for target in targets:
+            for seq in sequence_numbers:
+                target.scheduled.pop(seq, None)
+
+    def _store(self, entity: _Entity, message: Message, now: float, seq: int) -> None:
         ttl = message.time_to_live or entity.default_message_time_to_live
+        enqueue_at = now
+        if message.scheduled_enqueue_time is not None:
+            enqueue_at = max(now, self._trio_time(message.scheduled_enqueue_time))
         record = _Record(
             sequence_number=seq,
             message=message,
             message_id=message.message_id or uuid.uuid4().hex,
             session_id=message.session_id,
-            enqueued_at=now,
-            expires_at=now + ttl if ttl else math.inf,
+            enqueued_at=enqueue_at,
+            expires_at=enqueue_at + ttl if ttl else math.inf,
         )
+        if enqueue_at > now:
+            entity.scheduled[seq] = record
+            heapq.heappush(entity.scheduled_due, (enqueue_at, seq))
+            # Waiting receivers recompute when to wake: accepts and plain receivers wait
+            # on the entity, a session's holder on its session.
+            entity.notify()
+            session = entity.sessions.get(message.session_id or "")
+            if session is not None and session.link is not None:
+                session.wake_receiver()
+            return
+        self._enqueue(entity, record)
+
+    def _activate_scheduled(self, entity: _Entity) -> None:
+        """Enqueue the scheduled messages that are due (lazily, like expiry)."""
+        heap = entity.scheduled_due
+        now = trio.current_time()
+        while heap and heap[0][0] <= now:
+            _, seq = heapq.heappop(heap)
+            record = entity.scheduled.pop(seq, None)
+            if record is not None:  # else cancelled
+                self._enqueue(entity, record)
+
+    def _enqueue(self, entity: _Entity, record: _Record) -> None:
+        """Make a stored message available to receivers."""
+        message = record.message
         if entity.requires_session and message.session_id is None:
             # Only reachable through a topic: Service Bus dead-letters such a message
             # in each session-enabled subscription.
@@ -451,12 +548,12 @@ class MemoryBroker:
         if session is None:
             session = entity.sessions[key] = _Session(key)
         was_empty = not session.available
-        heapq.heappush(session.available, (seq, record))
+        heapq.heappush(session.available, (record.sequence_number, record))
         if session.link is not None:
             session.wake_receiver()
         elif was_empty:
             if entity.requires_session:
-                heapq.heappush(entity.ready, (seq, key))
+                heapq.heappush(entity.ready, (record.sequence_number, key))
             entity.notify()
 
     # -- accepting sessions ------------------------------------------------------------------
@@ -494,6 +591,7 @@ class MemoryBroker:
         self._inject("accept_session")
         if session_id is not None:
             self._expire_locks(target)
+            self._activate_scheduled(target)
             session = target.sessions.get(session_id)
             if session is None:
                 session = target.sessions[session_id] = _Session(session_id)
@@ -505,6 +603,7 @@ class MemoryBroker:
         deadline = math.inf if max_wait_time is None else trio.current_time() + max_wait_time
         while True:
             self._expire_locks(target)
+            self._activate_scheduled(target)
             session = self._pop_ready(target)
             if session is not None:
                 return self._lock(target, session, receive_mode)
@@ -513,7 +612,7 @@ class MemoryBroker:
                     f"no session of {target.path!r} had a message ready within "
                     f"{max_wait_time} seconds"
                 )
-            wake_at = deadline
+            wake_at = min(deadline, target.next_due())
             if target.lock_deadlines:
                 wake_at = min(wake_at, target.lock_deadlines[0][0])
             with trio.move_on_at(wake_at):
@@ -654,6 +753,12 @@ class MemoryBroker:
     ) -> None:
         """What a settlement does to a locked message (its lock already taken off)."""
         record.lock_token = None
+        if not isinstance(settlement, Complete) and settlement.properties_to_modify:
+            old = record.message.application_properties or {}
+            record.message = attrs.evolve(
+                record.message,
+                application_properties={**old, **settlement.properties_to_modify},
+            )
         if isinstance(settlement, Complete):
             session.deferred.pop(record.sequence_number, None)
             if self._record_completed:
@@ -693,7 +798,15 @@ class MemoryBroker:
             self._utc_offset = time.time() - trio.current_time()
         return dt.datetime.fromtimestamp(self._utc_offset + trio_time, dt.UTC)
 
-    def _received(self, record: _Record, locked_until: float | None) -> ReceivedMessage:
+    def _trio_time(self, moment: dt.datetime) -> float:
+        """The Trio-clock time of a UTC moment (the inverse of `_utc`)."""
+        if self._utc_offset is None:
+            self._utc_offset = time.time() - trio.current_time()
+        return moment.timestamp() - self._utc_offset
+
+    def _received(
+        self, record: _Record, locked_until: float | None, *, peek: bool = False
+    ) -> ReceivedMessage:
         message = record.message
         properties = dict(message.application_properties or {})
         if record.dead_letter_reason is not None:
@@ -708,17 +821,28 @@ class MemoryBroker:
             delivery_count=record.delivery_count,
             enqueued_time=self._utc(record.enqueued_at),
             locked_until=None if locked_until is None else self._utc(locked_until),
-            lock_token=record.lock_token,
+            lock_token=None if peek else record.lock_token,
             application_properties=properties,
             content_type=message.content_type,
             correlation_id=message.correlation_id,
             subject=message.subject,
             dead_letter_reason=record.dead_letter_reason,
             dead_letter_error_description=record.dead_letter_error_description,
+            to=message.to,
+            reply_to=message.reply_to,
+            reply_to_session_id=message.reply_to_session_id,
+            time_to_live=(
+                None if record.expires_at == math.inf else record.expires_at - record.enqueued_at
+            ),
+            scheduled_enqueue_time=message.scheduled_enqueue_time,
+            partition_key=message.partition_key,
         )
 
     def _new_token(self) -> str:
-        return str(uuid.UUID(int=next(self._tokens) & ((1 << 128) - 1)))
+        # str(uuid.UUID(int=...)), formatted directly: building a UUID object for every
+        # received message was a measurable part of a receive (issue #8).
+        h = f"{next(self._tokens) & ((1 << 128) - 1):032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     # -- fault injection -----------------------------------------------------------------
 
@@ -770,6 +894,7 @@ class MemoryBroker:
         """Bring lazily kept state up to date: expired locks and expired messages."""
         self._expire_locks(entity)
         self._expire_message_locks(entity)
+        self._activate_scheduled(entity)
         now = trio.current_time()
         for session in list(entity.sessions.values()):
             if session.available and session.available[0][1].expires_at <= now:
@@ -802,6 +927,63 @@ class MemoryBroker:
             records.update(session.deferred)
             records.update((r.sequence_number, r) for r in session.locked.values())
         return [self._received(records[seq], None) for seq in sorted(records)]
+
+    def scheduled_messages(self, entity: str) -> list[ReceivedMessage]:
+        """Messages scheduled for later and not yet enqueued, by sequence number."""
+        target = self._entity(entity)
+        self._settle_pending(target)
+        return [self._received(target.scheduled[seq], None) for seq in sorted(target.scheduled)]
+
+    def peek_messages(
+        self,
+        entity: str,
+        *,
+        from_sequence_number: int = 1,
+        max_count: int = 1,
+        session_id: str | None = None,
+    ) -> list[ReceivedMessage]:
+        """Look at messages without locking them or counting a delivery.
+
+        Returns up to ``max_count`` active, deferred and scheduled messages whose
+        sequence number is ``from_sequence_number`` or more, in sequence-number order;
+        with ``session_id``, only that session's. Peeked messages carry no lock token.
+
+        Raises:
+            EntityNotFoundError: no such entity.
+            ValueError: ``max_count`` < 1.
+        """
+        return [
+            message
+            for message, _ in self._peek_now(entity, from_sequence_number, max_count, session_id)
+        ]
+
+    def _peek_now(
+        self, entity: str, from_sequence_number: int, max_count: int, session_id: str | None
+    ) -> list[tuple[ReceivedMessage, int]]:
+        """`peek_messages` with each message's Service Bus state: 0 active, 1 deferred,
+        2 scheduled (the emulator's ``x-opt-message-state``)."""
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise ValueError(f"max_count must be an int >= 1, got {max_count!r}")
+        target = self._entity(entity)
+        self._settle_pending(target)
+        records: dict[int, tuple[_Record, int]] = {}
+        sessions: Iterable[_Session] = target.sessions.values()
+        if session_id is not None:
+            sessions = [target.sessions[session_id]] if session_id in target.sessions else []
+        for session in sessions:
+            for seq, record in session.available:
+                records[seq] = (record, 0)
+            for record in session.locked.values():
+                records[record.sequence_number] = (record, 1 if record.deferred else 0)
+            for seq, record in session.deferred.items():
+                records[seq] = (record, 1)
+        for seq, record in target.scheduled.items():
+            if session_id is None or record.session_id == session_id:
+                records[seq] = (record, 2)
+        wanted = sorted(seq for seq in records if seq >= from_sequence_number)[:max_count]
+        return [
+            (self._received(records[seq][0], None, peek=True), records[seq][1]) for seq in wanted
+        ]
 
     def dead_letter_messages(self, entity: str) -> list[ReceivedMessage]:
         """The messages in the dead-letter queue of ``entity``, oldest first."""
@@ -899,11 +1081,19 @@ class MemorySessionLink:
         while True:
             self._broker._inject("receive")
             self._check()
+            self._broker._activate_scheduled(self._entity)
             self._broker._purge_expired(self._entity, session, trio.current_time())
             if session.available:
                 return self._take(max_count)
-            with trio.move_on_at(session.locked_until):
+            with trio.move_on_at(min(session.locked_until, self._entity.next_due())):
                 await session.arrived.wait()
+
+    def _receive_now(self, max_count: int) -> list[ReceivedMessage]:
+        """The messages available now, up to ``max_count``, without waiting (the emulator
+        answers a client's drain request with them)."""
+        self._broker._inject("receive")
+        self._check()
+        return self._take(max_count)
 
     def _take(self, max_count: int) -> list[ReceivedMessage]:
         broker = self._broker
@@ -1118,6 +1308,7 @@ class MemoryReceiver:
                 raise trio.ClosedResourceError("this receiver was closed")
             broker._inject("receive")
             broker._expire_message_locks(entity)
+            broker._activate_scheduled(entity)
             queue = self._queue()
             now = trio.current_time()
             out: list[ReceivedMessage] = []
@@ -1133,7 +1324,7 @@ class MemoryReceiver:
             if out or now >= deadline:
                 broker._maybe_drop(entity, queue)
                 return out
-            wake_at = deadline
+            wake_at = min(deadline, entity.next_due())
             if entity.message_lock_deadlines:
                 wake_at = min(wake_at, entity.message_lock_deadlines[0][0])
             with trio.move_on_at(wake_at):
@@ -1206,6 +1397,23 @@ class MemoryReceiver:
     async def receive_deferred(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
         """Receive deferred messages by sequence number (`MessageNotFoundError` if unknown)."""
         await trio.lowlevel.checkpoint()
+        return self._receive_deferred_now(sequence_numbers)
+
+    def _settle_by_token(
+        self, lock_token: str, settlement: type[Settlement], **fields: Any
+    ) -> None:
+        """Settle a message known only by its lock token (the emulator's
+        ``update-disposition``); MessageLockLostError if this receiver holds no such lock."""
+        self._broker._expire_message_locks(self._entity)
+        held = self._entity.message_locks.get(lock_token)
+        if held is None or held[2] is not self:
+            raise MessageLockLostError(f"no message is locked with lock token {lock_token}")
+        message = self._broker._received(held[1], held[0])
+        self._settle_one(settlement(message, **fields))
+
+    def _receive_deferred_now(self, sequence_numbers: Sequence[int]) -> list[ReceivedMessage]:
+        if self._closed:
+            raise trio.ClosedResourceError("this receiver was closed")
         queue = self._queue()
         records = []
         for seq in sequence_numbers:

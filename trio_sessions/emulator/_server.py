@@ -13,13 +13,18 @@ settlement and ``$management`` come next.
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import functools
 import hashlib
 import hmac
-import logging
+import importlib
+import math
 import secrets
 import time
+import types
 import urllib.parse
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -38,17 +43,18 @@ from .._errors import (
 )
 from .._messages import Abandon, Complete, DeadLetter, Defer, EntityPath, Message, Settlement
 from .._options import ReceiveMode
+from .._redact import library_logger
 from ..backends._memory import MemoryReceiver
+from . import _codec
 
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import AsyncIterator
 
     from ..backends._memory import MemoryBroker
 
 __all__ = ["Emulator", "serve_emulator"]
 
-logger = logging.getLogger("trio_sessions.emulator")
+logger = library_logger("trio_sessions.emulator")
 
 #: Largest frame we accept and announce (Service Bus Standard uses 256 KiB).
 MAX_FRAME_SIZE = 262144
@@ -59,14 +65,40 @@ TICKS_AT_EPOCH = 621355968000000000
 #: Server-side wait for a next-available session when the client names none (ms).
 DEFAULT_ACCEPT_WAIT_MS = 60000
 SESSION_FILTER = "com.microsoft:session-filter"
+#: ``$management`` operations on an entity, served without a receiver's lock.
+ENTITY_OPERATIONS = frozenset(
+    {
+        "com.microsoft:peek-message",
+        "com.microsoft:schedule-message",
+        "com.microsoft:cancel-scheduled-message",
+    }
+)
 #: How long closing a broker link may take when a client goes away (it is shielded).
 CLOSE_TIMEOUT = 5.0
 #: Link credit granted to clients' senders, refilled below half.
 CREDIT = 1000
+#: Seconds of silence after which a client is dropped (it is told half: AMQP 1.0 §2.4.5).
+DEFAULT_IDLE_TIMEOUT = 240.0
+#: Seconds a write to a client may make no progress before the client is dropped.
+DEFAULT_WRITE_TIMEOUT = 30.0
+#: Bytes produced for one client and not yet written to its socket above which the
+#: emulator stops taking deliveries for it from the broker and stops reading its requests.
+OUTPUT_LIMIT = 1 << 20
+#: Largest piece written at once: the write timeout bounds each piece.
+WRITE_PIECE = 1 << 16
+#: Messages taken from the broker at once for one receiver link (bounds the output overshoot).
+DELIVERY_BATCH = 32
+#: Seconds spent discarding a client's last input after our close, so it reads our close
+#: frame instead of a connection reset.
+LINGER = 2.0
+AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 #: First-section descriptor codes of an encoded AMQP message (header .. footer).
 _SECTION_CODES = frozenset(bytes([code]) for code in range(0x70, 0x79))
+#: How an encoded AMQP message starts: a described section with one of those codes.
+_BATCH_BODY_STARTS = frozenset(b"\x00\x53" + code for code in _SECTION_CODES)
 
 
+@functools.cache
 def _proton() -> Any:
     try:
         import proton
@@ -75,6 +107,59 @@ def _proton() -> Any:
             'the emulator needs python-qpid-proton: pip install "trio-sessions[emulator]"'
         ) from exc
     return proton
+
+
+@functools.cache
+def _cproton() -> Any:
+    """proton's C API (python-qpid-proton's ``cproton`` module, 0.39 and later)."""
+    _proton()
+    return importlib.import_module("cproton")
+
+
+@functools.cache
+def _event_kinds() -> types.SimpleNamespace:
+    """proton's event types by name (``DELIVERY``, ...), as the numbers the C API reports."""
+    proton = _proton()
+    return types.SimpleNamespace(
+        **{
+            name: kind.number
+            for name, kind in vars(proton.Event).items()
+            if isinstance(kind, proton.EventType)
+        }
+    )
+
+
+def _accept(delivery: Any) -> None:
+    """``delivery.update(ACCEPTED)``, without proton's copying of the local disposition's
+    data, annotations and condition first (an accepted outcome has none): the emulator
+    accepts every message sent and echoes most settlements so."""
+    c = _cproton()
+    c.pn_delivery_update(delivery._impl, c.PN_ACCEPTED)
+
+
+class _Event:
+    """A proton event seen through the C API, wrapping only what a handler asks for.
+
+    proton's own ``Event`` builds wrappers for the delivery, link, session, connection and
+    transport of every event, a good part of the emulator's time per message.
+    """
+
+    __slots__ = ("_impl",)
+
+    def __init__(self, impl: Any) -> None:
+        self._impl = impl
+
+    @property
+    def delivery(self) -> Any:
+        return _proton().Delivery.wrap(_cproton().pn_event_delivery(self._impl))
+
+    @property
+    def link(self) -> Any:
+        return _proton().Link.wrap(_cproton().pn_event_link(self._impl))
+
+    @property
+    def session(self) -> Any:
+        return _proton().Session.wrap(_cproton().pn_event_session(self._impl))
 
 
 def sas_token_valid(token: str, *, audience: str, keys: dict[str, str], now: float) -> str | None:
@@ -113,15 +198,42 @@ def entity_from_address(address: str | None) -> str:
     return path
 
 
+def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{attribute.name} must be None or seconds > 0, got {value!r}")
+
+
 @attrs.define(eq=False)
 class Emulator:
-    """A running emulator: where it listens and how to connect."""
+    """A running emulator: where it listens and how to connect.
+
+    ``idle_timeout`` (seconds, None for never) is how long a client may stay silent before
+    the emulator closes its connection with ``amqp:resource-limit-exceeded``; the open frame
+    announces half of it, so clients that honour it send empty frames in time. A client
+    that has not sent its AMQP open within ``idle_timeout`` of connecting is dropped too.
+    It applies to connections opened after it is set.
+
+    ``write_timeout`` (seconds, None for never): a client that stops reading, so that a
+    write to it makes no progress for that long, is dropped. Before that, once more than
+    ``OUTPUT_LIMIT`` bytes (1 MiB) made for a client wait to be written, the emulator stops
+    taking deliveries for it from the broker and stops reading its requests, so a client
+    that does not read costs bounded memory and never holds up other connections.
+    """
 
     broker: MemoryBroker
     host: str
     port: int
     key_name: str
     key: str = attrs.field(repr=False)
+    idle_timeout: float | None = attrs.field(
+        default=DEFAULT_IDLE_TIMEOUT, validator=_optional_seconds, kw_only=True
+    )
+    write_timeout: float | None = attrs.field(
+        default=DEFAULT_WRITE_TIMEOUT, validator=_optional_seconds, kw_only=True
+    )
+    _reply_delay: float = attrs.field(default=0.0, init=False, repr=False)
     _connections: set[_Connection] = attrs.field(factory=set, init=False, repr=False)
 
     @property
@@ -129,17 +241,54 @@ class Emulator:
         """How many client connections are open now."""
         return len(self._connections)
 
-    def drop_connections(self) -> int:
-        """Fault injection: cut every client connection now, as a network failure would.
+    @property
+    def container_ids(self) -> list[str]:
+        """The container-id each open client connection announced (sorted; '' before its
+        open). The Python SDK sends ``SBSender-<uuid>``/``SBReceiver-<uuid>``, or the
+        ``client_identifier`` it was given."""
+        return sorted(c.container_id for c in self._connections)
 
-        The sessions those clients held are released at once (unsettled messages come back
-        with delivery_count + 1); the clients see their connection fail. Returns how many
+    def drop_connections(
+        self, *, container_id: str | None = None, session_id: str | None = None
+    ) -> int:
+        """Fault injection: cut client connections now, as a network failure would.
+
+        With no argument every connection is cut; ``container_id`` cuts only the connections
+        that announced it (see `container_ids`), ``session_id`` only those whose receivers
+        hold that session's lock; both given, a connection must match both. The sessions the
+        cut clients held are released at once (unsettled messages come back with
+        delivery_count + 1); the clients see their connection fail. Returns how many
         connections were cut.
         """
-        dropped = list(self._connections)
+        dropped = [
+            connection
+            for connection in self._connections
+            if (container_id is None or connection.container_id == container_id)
+            and (session_id is None or session_id in connection.session_ids())
+        ]
         for connection in dropped:
             connection.drop()
         return len(dropped)
+
+    def delay_replies(self, seconds: float) -> None:
+        """Fault injection: hold back everything the emulator sends by ``seconds``.
+
+        Replies to CBS ``put-token`` and ``$management`` requests, attach, flow and
+        disposition echoes, deliveries and empty frames all leave that much later than they
+        were produced, on every connection, as over a slow network; their order is kept.
+        It applies to what is produced from now on; ``delay_replies(0)`` ends it. A delay
+        above half a client's idle-time-out can make that client give up (as it should).
+
+        Raises:
+            ValueError: ``seconds`` is not a finite number >= 0.
+        """
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds < math.inf
+        ):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        self._reply_delay = float(seconds)
 
     @property
     def connection_string(self) -> str:
@@ -157,35 +306,72 @@ class _Receiving:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     flow: trio.Event = attrs.field(factory=trio.Event)
     link: Any = None  # the MemorySessionLink, once accepted
+    #: The pump's wait for messages; a drain request cancels it (nothing to send now).
+    waiting: trio.CancelScope | None = None
 
 
-def _header(delivery_count: int) -> bytes:
+def _header(delivery_count: int, ttl_ms: int | None = None) -> bytes:
     """A message header with every field written out.
 
     proton elides trailing default fields, and pyamqp does not pad message sections, so
     a ``delivery-count`` of 0 left to proton reaches the SDK as None (spec §5.4).
+    ``ttl_ms`` is the time to live in milliseconds (a uint, so at most 2**32 - 1).
     """
     first_acquirer = 0x41 if delivery_count == 0 else 0x42
-    return (
-        bytes([0x00, 0x53, 0x70, 0xC0, 0x0B, 0x05])  # header: list8, 11 bytes, 5 fields
-        + bytes([0x42, 0x50, 0x04, 0x40, first_acquirer, 0x70])  # durable, priority, ttl, ...
+    ttl = b"\x40" if ttl_ms is None else b"\x70" + min(ttl_ms, 2**32 - 1).to_bytes(4, "big")
+    fields = (
+        bytes([0x42, 0x50, 0x04])  # durable false, priority 4 (ubyte)
+        + ttl
+        + bytes([first_acquirer, 0x70])
         + delivery_count.to_bytes(4, "big")  # delivery-count (uint)
     )
+    # header: list8 of 5 fields; the size byte counts the count byte and the fields
+    return bytes([0x00, 0x53, 0x70, 0xC0, len(fields) + 1, 0x05]) + fields
 
 
-def _without_header(encoded: bytes | bytearray) -> bytes:
-    """An encoded message minus the header section proton always writes first."""
-    data = bytes(encoded)
-    if data[:3] != b"\x00\x53\x70":
-        return data
-    constructor = data[3]
-    if constructor == 0x45:  # list0
-        return data[4:]
-    if constructor == 0xC0:  # list8: size byte
-        return data[5 + data[4] :]
-    if constructor == 0xD0:  # list32: size word
-        return data[8 + int.from_bytes(data[4:8], "big") :]
-    raise ValueError(f"unexpected header encoding 0x{constructor:02x}")
+def _from_amqp(value: Any) -> Any:
+    """An application property value as proton decoded it → a plain Python value.
+
+    AMQP timestamps become aware UTC datetimes, binaries bytes, symbols and chars str,
+    and proton's int and float subclasses (int32, ulong, float32, ...) plain numbers.
+    """
+    proton = _proton()
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    if isinstance(value, proton.timestamp):
+        try:
+            return dt.datetime.fromtimestamp(int(value) / 1000, dt.UTC)
+        except (OverflowError, ValueError, OSError):  # beyond datetime's range
+            return int(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value  # uuid.UUID, decimal.Decimal
+
+
+def _to_amqp(value: Any) -> Any:
+    """A plain Python application property value → what proton should encode.
+
+    An int goes as AMQP int when it fits, else long (else ulong); a datetime as a
+    timestamp. The SDKs read int and long alike.
+    """
+    proton = _proton()
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            return proton.int32(value)
+        if -(2**63) <= value < 2**63:
+            return int(value)
+        return proton.ulong(value)
+    if isinstance(value, dt.datetime):
+        return proton.timestamp(round(value.timestamp() * 1000))
+    return value
 
 
 def _ticks(moment: dt.datetime) -> int:
@@ -209,6 +395,14 @@ class _Connection:
         self._connection = proton.Connection()
         self._transport = proton.Transport(proton.Transport.SERVER)
         self._transport.max_frame_size = MAX_FRAME_SIZE
+        if emulator.idle_timeout is not None:
+            self._transport.idle_timeout = emulator.idle_timeout
+        self._opened = trio.Event()
+        self.container_id = ""
+        # chunks taken from proton, each with the time it may be written (delay_replies)
+        self._outbox: deque[tuple[float, bytes]] = deque()
+        self._outbox_bytes = 0
+        self._written = 0
         sasl = self._transport.sasl()
         sasl.allowed_mechs("ANONYMOUS")
         self._transport.bind(self._connection)
@@ -223,24 +417,48 @@ class _Connection:
     async def serve(self) -> None:
         self._emulator._connections.add(self)
         try:
+            finished = False
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read)
+                nursery.start_soon(self._expect_open)
                 try:
-                    await self._write_loop()
+                    finished = await self._write_loop()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._emulator._connections.discard(self)
+        if finished:
+            await self._linger()
+
+    def session_ids(self) -> set[str]:
+        """The sessions this connection's receivers hold locked."""
+        return {
+            receiving.link.session_id
+            for receiving in self._receivers.values()
+            if receiving.link is not None and not isinstance(receiving.link, MemoryReceiver)
+        }
 
     def drop(self) -> None:
         """End this connection without a goodbye; its tasks release what it held."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def _expect_open(self) -> None:
+        """Drop a client that connects and never opens (proton times out only open ones)."""
+        timeout = self._emulator.idle_timeout
+        if timeout is None:
+            return
+        with trio.move_on_after(timeout):
+            await self._opened.wait()
+            return
+        logger.info("dropping a client that sent no AMQP open within %s s", timeout)
+        self.drop()
+
     async def _read(self) -> None:
         transport = self._transport
         while True:
+            await self._output_room()  # a client that does not read its replies is not read
             try:
                 data = await self._stream.receive_some(65536)
             except trio.BrokenResourceError:
@@ -255,7 +473,6 @@ class _Connection:
                     self._work.set()
                     return
                 if capacity == 0:  # input is full until our output drains: wait for the writer
-                    self._drained = trio.Event()
                     self._work.set()
                     await self._drained.wait()
                     continue
@@ -264,38 +481,112 @@ class _Connection:
                 self._handle_events()
             self._work.set()
 
-    async def _write_loop(self) -> None:
+    def _backlog(self) -> int:
+        """Bytes made for the client and not yet written to its socket."""
+        buffered = 0
+        session = self._connection.session_head(0)
+        while session is not None:
+            buffered += session.outgoing_bytes  # deliveries proton has not framed yet
+            session = session.next(0)
+        pending: int = self._transport.pending()
+        return self._outbox_bytes + max(pending, 0) + buffered
+
+    async def _output_room(self) -> None:
+        """Wait while more than OUTPUT_LIMIT bytes wait to be written to the client."""
+        while self._backlog() > OUTPUT_LIMIT:
+            self._work.set()  # the writer takes what proton holds
+            await self._drained.wait()
+
+    def _wake_drained(self) -> None:
+        self._drained.set()
+        self._drained = trio.Event()
+
+    async def _write_loop(self) -> bool:
+        """Write what proton produces, each chunk held back by `Emulator.delay_replies`.
+
+        Returns True when the AMQP connection is over (closed, or ended by a protocol
+        error), False when the client is gone or stopped reading.
+        """
         transport = self._transport
+        outbox = self._outbox
         while True:
             self._handle_events()
-            pending = transport.pending()
-            if pending < 0:  # the transport is done for output
-                return
-            if pending:
-                chunk = transport.peek(pending)
-                transport.pop(pending)
-                try:
-                    await self._stream.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                self._drained.set()
-                continue
+            # tick first: it may produce an empty frame (heartbeat) or an idle-timeout close
             deadline = transport.tick(time.monotonic())
+            pending = transport.pending()
+            now = trio.current_time()
+            if pending > 0:
+                outbox.append((now + self._emulator._reply_delay, transport.peek(pending)))
+                transport.pop(pending)
+                self._outbox_bytes += pending
+            if outbox and outbox[0][0] <= now:
+                chunk = outbox.popleft()[1]
+                sent = await self._send(chunk)
+                self._outbox_bytes -= len(chunk)
+                self._wake_drained()
+                if not sent:
+                    return False
+                continue
+            if pending < 0 and not outbox:  # the transport is done for output
+                if transport.condition is not None:
+                    logger.info("closing a client connection: %s", transport.condition)
+                if not self._written:  # e.g. a TLS header: answer ours (AMQP 1.0 §2.2)
+                    await self._send(AMQP_HEADER)
+                return True
+            wake = math.inf if not deadline else now + deadline - time.monotonic()
+            if outbox:
+                wake = min(wake, outbox[0][0])
             self._work = trio.Event()
-            with trio.move_on_at(
-                trio.current_time() + (deadline - time.monotonic() if deadline else 30)
-            ):
+            if wake == math.inf:  # no heartbeat, time-out or delayed reply due: no timer
                 await self._work.wait()
+                continue
+            with trio.move_on_at(wake):
+                await self._work.wait()
+
+    async def _send(self, chunk: bytes) -> bool:
+        """Write ``chunk``; False if the client is gone or read nothing for write_timeout."""
+        timeout = self._emulator.write_timeout
+        view = memoryview(chunk)
+        try:
+            for start in range(0, len(view), WRITE_PIECE):
+                with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                    await self._stream.send_all(view[start : start + WRITE_PIECE])
+                if scope.cancelled_caught:
+                    logger.warning("dropping a client that read nothing for %s s", timeout)
+                    return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._written += len(chunk)
+        return True
+
+    async def _linger(self) -> None:
+        """After the last frame: half-close and discard the client's remaining input for a
+        while, so that it reads our close frame rather than a reset."""
+        with trio.move_on_after(LINGER):
+            try:
+                await self._stream.send_eof()
+                while await self._stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     # -- events --------------------------------------------------------------------------
 
     def _handle_events(self) -> None:
-        event_type = self._p.Event
-        while (event := self._collector.peek()) is not None:
-            kind = event.type
+        event_type = _event_kinds()
+        c = _cproton()
+        collector = self._collector._impl
+        while not c.isnull(impl := c.pn_collector_peek(collector)):
+            kind = c.pn_event_type(impl)
+            if kind == event_type.TRANSPORT:  # output pending: the commonest, nothing to do
+                c.pn_collector_pop(collector)
+                continue
+            event = _Event(impl)
             if kind == event_type.CONNECTION_REMOTE_OPEN:
                 self._connection.container = "trio-sessions-emulator"
                 self._connection.open()
+                self.container_id = self._connection.remote_container or ""
+                self._opened.set()
             elif kind == event_type.SESSION_REMOTE_OPEN:
                 event.session.incoming_capacity = 2**30
                 event.session.open()
@@ -307,6 +598,8 @@ class _Connection:
                 receiving = self._receivers.get(event.link.name)
                 if receiving is not None:
                     receiving.flow.set()
+                    if receiving.waiting is not None and event.link.drain_mode:
+                        receiving.waiting.cancel()
             elif kind in (event_type.LINK_REMOTE_CLOSE, event_type.LINK_REMOTE_DETACH):
                 receiving = self._receivers.get(event.link.name)
                 if receiving is not None:
@@ -316,7 +609,23 @@ class _Connection:
                 event.session.close()
             elif kind == event_type.CONNECTION_REMOTE_CLOSE:
                 self._connection.close()
-            self._collector.pop()
+            elif kind == event_type.TRANSPORT_TAIL_CLOSED:
+                self._on_input_closed()
+            c.pn_collector_pop(collector)
+
+    def _on_input_closed(self) -> None:
+        """proton stops reading at a frame it cannot decode, silently: say so and close.
+
+        (At EOF or a framing error it has set its own condition, and after the client's
+        close ours is under way.)
+        """
+        if self._transport.condition is None and not (
+            self._connection.state & self._p.Endpoint.LOCAL_CLOSED
+        ):
+            self._connection.condition = self._condition(
+                "amqp:decode-error", "the emulator could not decode a frame"
+            )
+            self._connection.close()
 
     def _on_attach(self, link: Any) -> None:
         link.source.copy(link.remote_source)
@@ -425,6 +734,7 @@ class _Connection:
                     self._refuse(link, "amqp:not-allowed", str(exc))
                     return
                 receiving.link = memlink
+                memlink.on_lock_lost(lambda exc: self._detach_lost(link, receiving, exc))
                 link.source.filter.clear()
                 link.source.filter.put_dict({p.symbol(SESSION_FILTER): memlink.session_id})
                 link.properties = {
@@ -440,6 +750,14 @@ class _Connection:
             with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
                 await self._forget(link, receiving)
 
+    def _detach_lost(self, link: Any, receiving: _Receiving, exc: SessionLockLostError) -> None:
+        """The broker took the session's lock away: detach the link now, as Service Bus does,
+        rather than when the client next grants credit."""
+        link.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
+        link.close()
+        receiving.scope.cancel()
+        self._work.set()
+
     async def _serve_plain_receiver(
         self, link: Any, receiving: _Receiving, mode: ReceiveMode
     ) -> None:
@@ -452,14 +770,46 @@ class _Connection:
                 await self._forget(link, receiving)
 
     async def _pump(self, link: Any, receiving: _Receiving, mode: ReceiveMode) -> None:
-        """Deliver the broker link's messages as fast as the client grants credit."""
+        """Deliver the broker link's messages as fast as the client grants credit.
+
+        A client may ask to drain (the JS SDK does when its wait ends): the messages
+        available now go out, and the credit left is handed back in a flow with drain set
+        (delivery-count advanced, credit 0), which is what the client waits for. proton
+        sends that flow only if some credit is left, so a drain does not spend the last
+        of several credits on a locked message: one the broker handed over beyond that is
+        released to it again, undelivered.
+        """
         while True:
             while link.credit <= 0:
                 receiving.flow = trio.Event()
                 await receiving.flow.wait()
-            for message in await receiving.link.receive(link.credit):
+            await self._output_room()
+            batch = min(link.credit, DELIVERY_BATCH)
+            if link.drain_mode:
+                messages = await self._available(receiving.link, batch)
+            else:
+                messages = []
+                with trio.CancelScope() as receiving.waiting:
+                    messages = await receiving.link.receive(batch)
+                receiving.waiting = None
+                if not messages:  # a drain request cancelled the wait
+                    continue
+            if link.drain_mode and mode is ReceiveMode.PEEK_LOCK and link.credit > 1:
+                for message in messages[link.credit - 1 :]:
+                    receiving.link._release(message)
+                messages = messages[: link.credit - 1]
+            for message in messages:
                 self._deliver(link, receiving, message, mode)
+            if link.drain_mode and len(messages) < batch:  # all there is went out
+                link.drained()
             self._work.set()
+
+    @staticmethod
+    async def _available(memlink: Any, count: int) -> list[Any]:
+        """Up to ``count`` messages the broker link has now, without waiting for more."""
+        if isinstance(memlink, MemoryReceiver):
+            return await memlink.receive(count, max_wait_time=0)
+        return memlink._receive_now(count)  # type: ignore[no-any-return]
 
     async def _forget(self, link: Any, receiving: _Receiving) -> None:
         """The client's receiver is gone: release what its broker link holds.
@@ -471,31 +821,41 @@ class _Connection:
             await receiving.link.aclose()
         self._work.set()
 
-    def _encode(self, message: Any, *, deferred: bool = False) -> bytes:
-        """A broker message as the SDK expects it on the wire (spec §5.4, §6)."""
+    def _encode(self, message: Any, *, state: int = 0) -> bytes:
+        """A broker message as the SDK expects it on the wire (spec §5.4, §6).
+
+        ``state`` is Service Bus's message state: 0 active, 1 deferred, 2 scheduled.
+        """
         p = self._p
-        out = p.Message(
-            id=message.message_id,
-            group_id=message.session_id,
-            content_type=message.content_type,
-            correlation_id=message.correlation_id,
-            subject=message.subject,
-            properties=message.application_properties or None,
-            body=message.body,
-        )
-        out.inferred = True  # a bytes body travels as a data section, as the SDK sent it
         annotations = {
-            p.symbol("x-opt-sequence-number"): message.sequence_number,  # int encodes as long
-            p.symbol("x-opt-enqueued-time"): p.timestamp(message.enqueued_time.timestamp() * 1000),
+            "x-opt-sequence-number": message.sequence_number,  # int encodes as long
+            "x-opt-enqueued-time": p.timestamp(message.enqueued_time.timestamp() * 1000),
         }
         if message.locked_until is not None:
-            annotations[p.symbol("x-opt-locked-until")] = p.timestamp(
-                message.locked_until.timestamp() * 1000
+            annotations["x-opt-locked-until"] = p.timestamp(message.locked_until.timestamp() * 1000)
+        if message.scheduled_enqueue_time is not None:
+            annotations["x-opt-scheduled-enqueue-time"] = p.timestamp(
+                round(message.scheduled_enqueue_time.timestamp() * 1000)
             )
-        if deferred:
-            annotations[p.symbol("x-opt-message-state")] = p.int32(1)
-        out.annotations = annotations
-        return _header(message.delivery_count) + _without_header(out.encode())
+        if message.partition_key is not None:
+            annotations["x-opt-partition-key"] = message.partition_key
+        if state:
+            annotations["x-opt-message-state"] = p.int32(state)
+        content_type = message.content_type
+        fields = [message.message_id, None, message.to, message.subject, message.reply_to]
+        fields += [message.correlation_id, None if content_type is None else p.symbol(content_type)]
+        fields += [None, None, None, message.session_id, None, message.reply_to_session_id]
+        properties = message.application_properties
+        ttl = message.time_to_live
+        return (
+            _header(message.delivery_count, None if ttl is None else round(ttl * 1000))
+            + _codec.message_annotations(annotations)
+            + _codec.properties(fields)  # ..., group-id, group-sequence, reply-to-group-id
+            + _codec.application_properties(
+                {k: _to_amqp(v) for k, v in properties.items()} if properties else {}
+            )
+            + _codec.data(message.body)  # a bytes body travels as a data section
+        )
 
     def _deliver(self, link: Any, receiving: _Receiving, message: Any, mode: ReceiveMode) -> None:
         """Send one broker message on a receiver link, tagged with its lock token (spec §6)."""
@@ -514,13 +874,17 @@ class _Connection:
             # wrappers keep attributes on the native object, so the message rides along.
             delivery.received_message = message
 
-    def _on_settlement(self, delivery: Any) -> None:
-        """A client settled a message it received: apply it, then echo the outcome (spec §8)."""
+    def _on_settlement(self, delivery: Any, link: Any) -> None:
+        """A client settled a message it received on ``link``: apply it, then echo the
+        outcome (spec §8)."""
         p = self._p
-        receiving = self._receivers.get(delivery.link.name)
+        receiving = self._receivers.get(link.name)
         message = getattr(delivery, "received_message", None)
         if receiving is None or message is None or receiving.link is None:
-            delivery.settle()
+            if not delivery.link.state & p.Endpoint.LOCAL_CLOSED:
+                delivery.settle()
+            # else: the link is detached (lock lost) and the settlement moot; an echo without
+            # state would only confuse pyamqp, which matches it to its own delivery ids
             return
         state = delivery.remote_state
         remote = delivery.remote
@@ -528,18 +892,25 @@ class _Connection:
         if state == p.Delivery.ACCEPTED:
             settlement = Complete(message)
         elif state == p.Delivery.REJECTED:
-            info = (remote.condition.info if remote.condition else None) or {}
-            reason = info.get(p.symbol("DeadLetterReason"), info.get("DeadLetterReason"))
-            description = info.get(
-                p.symbol("DeadLetterErrorDescription"), info.get("DeadLetterErrorDescription")
-            )
+            # The info map carries the reason and description; any other keys (JS puts
+            # them there) are properties to modify.
+            info = _str_keys((remote.condition.info if remote.condition else None) or {})
+            reason = info.pop("DeadLetterReason", None)
+            description = info.pop("DeadLetterErrorDescription", None)
             settlement = DeadLetter(
                 message,
                 None if reason is None else str(reason),
                 None if description is None else str(description),
+                properties_to_modify=info or None,
             )
         elif state == p.Delivery.MODIFIED:
-            settlement = Defer(message) if remote.undeliverable else Abandon(message)
+            # modified's message-annotations are the properties to modify (spec §8.2)
+            modify = _str_keys(remote.annotations or {}) or None
+            settlement = (
+                Defer(message, properties_to_modify=modify)
+                if remote.undeliverable
+                else Abandon(message, properties_to_modify=modify)
+            )
         else:  # released: the client never handed it to user code; no delivery counted
             settlement = None
         try:
@@ -550,10 +921,14 @@ class _Connection:
         except SessionLockLostError as exc:
             delivery.local.condition = self._condition("com.microsoft:session-lock-lost", str(exc))
             state = p.Delivery.REJECTED
-        except MessageAlreadySettledError as exc:
+        except (MessageAlreadySettledError, MessageLockLostError) as exc:
             delivery.local.condition = self._condition("com.microsoft:message-lock-lost", str(exc))
             state = p.Delivery.REJECTED
-        if not delivery.settled:  # settled by the client (released): no echo wanted
+        if delivery.settled:  # settled by the client (released): no echo wanted
+            pass
+        elif state == p.Delivery.ACCEPTED:
+            _accept(delivery)
+        else:
             delivery.update(state)
         delivery.settle()
         self._work.set()
@@ -578,7 +953,7 @@ class _Connection:
                 "messages": [
                     {
                         "lock-token": uuid.UUID(m.lock_token),
-                        "message": self._encode(m, deferred=True),
+                        "message": self._encode(m, state=1),
                     }
                     for m in memlink._receive_deferred_now(numbers)
                 ]
@@ -599,28 +974,81 @@ class _Connection:
                 for token in body.get("lock-tokens", [])
             ]
             return {"expirations": expirations}
+        if operation == "com.microsoft:receive-by-sequence-number":
+            numbers = [int(n) for n in body.get("sequence-numbers", [])]
+            return {
+                "messages": [
+                    {"lock-token": uuid.UUID(m.lock_token), "message": self._encode(m, state=1)}
+                    for m in receiver._receive_deferred_now(numbers)
+                ]
+            }
+        if operation == "com.microsoft:update-disposition":
+            self._update_disposition(receiver, body)
+            return {}
+        raise NotImplementedError(operation)
+
+    def _entity_management(
+        self, entity: str, operation: str, body: dict[Any, Any]
+    ) -> dict[str, Any] | None:
+        """``$management`` operations on the entity itself, needing no receiver's lock:
+        peek, schedule and cancel (spec §9.4). None means "nothing" (status 204)."""
+        p = self._p
+        broker = self._emulator.broker
+        if operation == "com.microsoft:peek-message":
+            session_id = body.get("session-id")
+            count = int(body.get("message-count", 1))
+            if count < 1:  # the Python SDK lets peek_messages(0) through: nothing to show
+                return None
+            peeked = broker._peek_now(
+                entity,
+                int(body.get("from-sequence-number", 1)),
+                count,
+                None if session_id is None else str(session_id),
+            )
+            if not peeked:
+                return None
+            return {"messages": [{"message": self._encode(m, state=st)} for m, st in peeked]}
+        if operation == "com.microsoft:schedule-message":
+            messages = []
+            for item in body.get("messages", []):
+                decoded = p.Message()
+                decoded.decode(bytes(item["message"]))
+                messages.append(self._to_message(decoded))
+            numbers = broker._send_now(entity, messages)
+            return {"sequence-numbers": p.Array(p.UNDESCRIBED, p.Data.LONG, *numbers)}
+        if operation == "com.microsoft:cancel-scheduled-message":
+            broker._cancel_scheduled_now(entity, [int(n) for n in body.get("sequence-numbers", [])])
+            return {}
         raise NotImplementedError(operation)
 
     def _update_disposition(self, memlink: Any, body: dict[Any, Any]) -> None:
-        """Settle messages by lock token (deferred ones, and the SDK's fallback, spec §8.3)."""
+        """Settle messages by lock token (deferred ones, and the SDK's fallback, spec §8.3).
+
+        ``memlink`` is a session link or a receiver without sessions: both settle by token.
+        """
         status = str(body["disposition-status"])
+        modify = _str_keys(body.get("properties-to-modify") or {}) or None
         for token in body.get("lock-tokens", []):
             lock_token = str(token)
             if status == "completed":
                 memlink._settle_by_token(lock_token, Complete)
             elif status == "abandoned":
-                memlink._settle_by_token(lock_token, Abandon)
+                memlink._settle_by_token(lock_token, Abandon, properties_to_modify=modify)
             elif status == "defered":  # sic: the SDKs' spelling
-                memlink._settle_by_token(lock_token, Defer)
+                memlink._settle_by_token(lock_token, Defer, properties_to_modify=modify)
             elif status == "suspended":  # dead-letter
                 memlink._settle_by_token(
                     lock_token,
                     DeadLetter,
                     reason=body.get("deadletter-reason") or None,
                     error_description=body.get("deadletter-description") or None,
+                    properties_to_modify=modify,
                 )
             else:
-                raise ValueError(f"unknown disposition-status {status!r}")
+                raise ValueError(
+                    f"unknown disposition-status {status!r}: expected completed, abandoned, "
+                    "defered or suspended"
+                )
 
     def _refuse(self, link: Any, condition: str, description: str) -> None:
         p = self._p
@@ -633,29 +1061,32 @@ class _Connection:
         link = delivery.link
         if link.is_sender:
             if delivery.updated and delivery.remote_state:
-                self._on_settlement(delivery)
+                self._on_settlement(delivery, link)
             return
         if not delivery.readable or delivery.partial:
             return
         data = link.recv(delivery.pending)
         link.advance()
-        if link.target.address == "$cbs":
-            message = self._p.Message()
-            message.decode(data)
+        # kept on the link (proton keeps attributes on the native object): reading it anew
+        # builds a Terminus wrapper per message
+        address = getattr(link, "target_address", None)
+        if address is None:
+            address = link.target_address = link.target.address
+        message = self._p.Message()
+        message.decode(data)
+        if address == "$cbs":
             self._on_put_token(link, message)
             delivery.update(self._p.Delivery.ACCEPTED)
-        elif link.target.address.endswith("$management"):
-            message = self._p.Message()
-            message.decode(data)
+        elif address.endswith("$management"):
             self._on_management(link, message)
             delivery.update(self._p.Delivery.ACCEPTED)
         else:
-            entity = entity_from_address(link.target.address)
-            messages = self._decode_batch(data)
-            if messages is None:
-                message = self._p.Message()
-                message.decode(data)
-                messages = [message]
+            entity = entity_from_address(address)
+            messages = [message]
+            body = message.body
+            # proton reads a batch's first data section as the body: only then look closer
+            if isinstance(body, bytes | memoryview) and bytes(body[:3]) in _BATCH_BODY_STARTS:
+                messages = self._decode_batch(data) or messages
             try:
                 self._emulator.broker._send_now(entity, [self._to_message(m) for m in messages])
             except (ValueError, TypeError, EntityNotFoundError) as exc:
@@ -667,7 +1098,7 @@ class _Connection:
                 )
                 delivery.update(self._p.Delivery.REJECTED)
             else:
-                delivery.update(self._p.Delivery.ACCEPTED)
+                _accept(delivery)
         delivery.settle()
         if link.credit < CREDIT // 2:
             link.flow(CREDIT - link.credit)
@@ -677,8 +1108,9 @@ class _Connection:
 
         A batch (message-format 0x80013700) carries one data section per message, each a
         whole encoded AMQP message. proton's Python binding does not expose a transfer's
-        message-format, so a batch is recognised by that shape: an envelope without
-        application properties whose data sections all decode as AMQP messages.
+        message-format, so a batch is recognised by that shape: an envelope whose data
+        sections all decode as AMQP messages, and whose application properties, if any,
+        are the first message's (the JS SDK copies them; the Python SDK sets none).
         """
         p = self._p
         sections = p.Data()
@@ -686,13 +1118,14 @@ class _Connection:
             data = data[sections.decode(data) :]
         sections.rewind()
         messages = []
+        envelope_properties = None
         while sections.next():
             sections.enter()
             sections.next()
             descriptor = sections.get_ulong()
             sections.next()
-            if descriptor == 0x74:  # application-properties: a plain message
-                return None
+            if descriptor == 0x74:  # application-properties
+                envelope_properties = sections.get_object()
             if descriptor == 0x75:
                 payload = bytes(sections.get_binary())
                 if payload[:2] != b"\x00\x53" or payload[2:3] not in _SECTION_CODES:
@@ -704,7 +1137,9 @@ class _Connection:
                     return None
                 messages.append(message)
             sections.exit()
-        return messages or None
+        if not messages or envelope_properties not in (None, messages[0].properties):
+            return None
+        return messages
 
     def _condition(self, condition: str, description: str) -> Any:
         """An AMQP error with all three fields: pyamqp indexes them blindly (spec §12.1)."""
@@ -719,10 +1154,13 @@ class _Connection:
             body = bytes(body)
         if body is None:
             body = b""
-        properties = {str(k): v for k, v in (message.properties or {}).items()}
+        properties = {str(k): _from_amqp(v) for k, v in (message.properties or {}).items()}
         # proton reads an absent content type as symbol("None")
         content_type = message.content_type
         content_type = None if content_type in (None, "", "None") else str(content_type)
+        annotations = {str(k): v for k, v in (message.annotations or {}).items()}
+        scheduled = _from_amqp(annotations.get("x-opt-scheduled-enqueue-time"))
+        partition_key = annotations.get("x-opt-partition-key")
         return Message(
             body if isinstance(body, bytes) else str(body),
             session_id=message.group_id or None,
@@ -731,6 +1169,12 @@ class _Connection:
             content_type=content_type,
             correlation_id=None if message.correlation_id is None else str(message.correlation_id),
             subject=message.subject or None,
+            time_to_live=message.ttl or None,  # proton: seconds; 0 when absent
+            to=message.address or None,
+            reply_to=message.reply_to or None,
+            reply_to_session_id=message.reply_to_group_id or None,
+            scheduled_enqueue_time=scheduled if isinstance(scheduled, dt.datetime) else None,
+            partition_key=None if partition_key is None else str(partition_key),
         )
 
     def _on_put_token(self, request_link: Any, request: Any) -> None:
@@ -744,6 +1188,9 @@ class _Connection:
             now=time.time(),
         )
         status, description = (202, "Accepted") if problem is None else (401, problem)
+        if problem is not None:
+            # The reason only: the token (its signature) never reaches a log or the client.
+            logger.info("refused a SAS token for %s: %s", audience, problem)
         response = p.Message(
             correlation_id=request.id,
             properties={"status-code": p.int32(status), "status-description": description},
@@ -779,9 +1226,15 @@ class _Connection:
         receiving = self._receivers.get(str(props.get("associated-link-name", "")))
         memlink = None if receiving is None else receiving.link
         status, condition, description = 200, None, "OK"
-        result: dict[str, Any] = {}
+        result: dict[str, Any] | None = {}
+        node = str(request_link.target.address)
+        entity = entity_from_address(node[: -len("/$management")])
         try:
-            if isinstance(memlink, MemoryReceiver):
+            if operation in ENTITY_OPERATIONS:
+                result = self._entity_management(entity, operation, body)
+                if result is None:
+                    status, description, result = 204, "No Content", {}
+            elif isinstance(memlink, MemoryReceiver):
                 result = self._plain_management(memlink, operation, body)
             elif memlink is None or str(body.get("session-id", memlink.session_id)) != (
                 memlink.session_id
@@ -796,6 +1249,8 @@ class _Connection:
             status, condition, description = 410, "com.microsoft:session-lock-lost", str(exc)
         except MessageNotFoundError as exc:
             status, condition, description = 404, "com.microsoft:message-not-found", str(exc)
+        except EntityNotFoundError as exc:
+            status, condition, description = 404, "amqp:not-found", str(exc)
         except (MessageAlreadySettledError, MessageLockLostError) as exc:
             status, condition, description = 410, "com.microsoft:message-lock-lost", str(exc)
         except (KeyError, ValueError, TypeError) as exc:
@@ -811,6 +1266,11 @@ class _Connection:
             request_link,
             p.Message(correlation_id=request.id, properties=properties, body=result),
         )
+
+
+def _str_keys(mapping: Any) -> dict[str, Any]:
+    """An AMQP map (symbol or string keys) as application properties."""
+    return {str(key): _from_amqp(value) for key, value in dict(mapping).items()}
 
 
 def _links(session: Any) -> list[Any]:
@@ -831,12 +1291,25 @@ async def serve_emulator(
     port: int = 0,
     key_name: str = "RootManageSharedAccessKey",
     key: str | None = None,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    write_timeout: float | None = DEFAULT_WRITE_TIMEOUT,
 ) -> AsyncIterator[Emulator]:
-    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs."""
+    """Serve ``broker`` over AMQP 1.0 on ``host:port`` (0: a free port) while the block runs.
+
+    ``idle_timeout``, ``write_timeout``: see `Emulator`.
+    """
     _proton()
+    emulator = Emulator(
+        broker,
+        host,
+        port,
+        key_name,
+        key or secrets.token_urlsafe(32),
+        idle_timeout=idle_timeout,
+        write_timeout=write_timeout,
+    )
     listeners = await trio.open_tcp_listeners(port, host=host)
-    bound_port = listeners[0].socket.getsockname()[1]
-    emulator = Emulator(broker, host, bound_port, key_name, key or secrets.token_urlsafe(32))
+    emulator.port = listeners[0].socket.getsockname()[1]
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
