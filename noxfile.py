@@ -2,8 +2,8 @@
 
 ``nox`` runs lint, typecheck and tests (over both dependency sets) and then, outside CI,
 the combined coverage report. CI (``.ci/run``, the README's test command) runs
-``nox -s lint typecheck tests coverage``. Opt-in sessions: ``docs``, ``bench``, ``demo``,
-``integration`` and ``changelog``.
+``nox -s lint typecheck tests coverage``, then ``nox -s chaos -- --quick``. Opt-in sessions:
+``docs``, ``bench``, ``chaos`` (full run), ``demo``, ``integration`` and ``changelog``.
 """
 
 from __future__ import annotations
@@ -154,6 +154,30 @@ def bench(session: nox.Session) -> None:
     session.install(".[emulator]")  # bench_emulator.py runs the emulator
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The chaos suite (issue 7): in-process under Hypothesis, then across OS processes.
+
+    ``nox -s chaos`` is the full run: 1000 in-process examples, then 50 000 messages over
+    5 000 sessions, 4 worker processes, >= 100 injected faults; it writes
+    benchmarks/results/chaos.json and the table in docs/reliability.md. ``nox -s chaos --
+    --quick`` is CI's short run (the multi-process part, small). Other posargs go to
+    ``benchmarks/chaos.py run`` (``--seed``, ``--messages``, ...).
+    """
+    session.install(".[tests,emulator]")
+    if "--quick" not in session.posargs:
+        # The tests sessions run the in-process chaos with 100 examples; here, many more.
+        session.run(
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_chaos.py",
+            env={"CHAOS_EXAMPLES": "1000", **SAFE_PATH},
+        )
+    session.run("python", "benchmarks/chaos.py", "run", *session.posargs)
 
 
 @nox.session

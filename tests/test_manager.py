@@ -387,7 +387,9 @@ async def test_renewal_stops_after_max_duration(autojump_clock: trio.testing.Moc
 async def test_handler_running_past_the_lock_is_a_lock_loss(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """When the lock lapses under a running handler, it is cancelled and the loss reported."""
+    """A handler still running as the lock lapses is cancelled, before the lapse (half the
+    renewal margin, 5 s of a 30 s lock: no other receiver can hold the session yet), and
+    the loss is reported."""
     broker = make_broker(lock_duration=30)
     await broker.send(Q, Message(b"1", session_id="a"))
     cancelled_at: list[float] = []
@@ -407,7 +409,7 @@ async def test_handler_running_past_the_lock_is_a_lock_loss(
     async with running(broker, handle, options, errors) as manager:
         await trio.sleep(40)
         stats = manager.stats()
-    assert cancelled_at == [pytest.approx(30)]
+    assert cancelled_at == [pytest.approx(25)]
     assert errors.kinds() == [(SessionLockLostError, ErrorSource.RENEW_LOCK)]
     assert deliveries == [0, 1]
     assert stats.messages_completed == 1

@@ -18,6 +18,7 @@ from ._errors import ErrorSource as ErrorSource
 from ._errors import MessageAlreadySettledError as MessageAlreadySettledError
 from ._errors import MessageLockLostError as MessageLockLostError
 from ._errors import MessageNotFoundError as MessageNotFoundError
+from ._errors import MessageSizeExceededError as MessageSizeExceededError
 from ._errors import OperationTimeoutError as OperationTimeoutError
 from ._errors import ServiceBusConnectionError as ServiceBusConnectionError
 from ._errors import SessionCannotBeLockedError as SessionCannotBeLockedError
@@ -50,6 +51,7 @@ __all__ = [
     "MessageAlreadySettledError",
     "MessageLockLostError",
     "MessageNotFoundError",
+    "MessageSizeExceededError",
     "OperationTimeoutError",
     "ReceiveMode",
     "ReceivedMessage",

@@ -39,7 +39,7 @@ from ._errors import (
 from ._messages import Abandon, Complete, DeadLetter, ReceivedMessage, Settlement
 from ._options import ReceiveMode, SessionManagerOptions
 from ._redact import Redacted, library_logger
-from ._renewal import next_lock_action
+from ._renewal import next_lock_action, renewal_margin
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -108,6 +108,17 @@ class ActorHooks:
     schedule_lock_timer: Callable[[SessionActor, float], None] | None = None
 
 
+def _safe_deadline(locked_until: float, lock_duration: float) -> float:
+    """When handlers under a lock are cancelled: half the renewal margin before it expires.
+
+    Not at the expiry itself: by then the broker may have given the session to another
+    receiver, and a handler still running (its process busy, or its clock a little
+    behind the broker's) would overlap with that receiver's (DESIGN §6.6; found by the
+    multi-process chaos run, issue 7).
+    """
+    return locked_until - renewal_margin(lock_duration) / 2
+
+
 class SessionActor:
     """Runs one locked session from accept to close (internal)."""
 
@@ -170,7 +181,9 @@ class SessionActor:
         self._lock_duration = max(link.locked_until - now, 0.0)
         self._give_up_renewing_at = now + options.max_auto_lock_renewal_duration
         self._locked_until_utc = link.locked_until_utc
-        self._lock_scope = trio.CancelScope(deadline=link.locked_until)
+        self._lock_scope = trio.CancelScope(
+            deadline=_safe_deadline(link.locked_until, self._lock_duration)
+        )
         self._grace_scope = trio.CancelScope()
         self._grace_deadline = math.inf  # the grace scope's deadline, when not idling
         self._receive_scope: trio.CancelScope | None = None
@@ -462,7 +475,7 @@ class SessionActor:
         self._renew_attempt = 0
         self._lock_duration = max(deadline - now, 0.0)
         self._locked_until_utc = self._link.locked_until_utc
-        self._lock_scope.deadline = deadline
+        self._lock_scope.deadline = _safe_deadline(deadline, self._lock_duration)
         logger.debug(
             "session %s: lock renewed until %s",
             self.session_id,

@@ -155,6 +155,8 @@ class SessionContext:
 
         Raises:
             TypeError: ``state`` is not bytes, str or None.
+            MessageSizeExceededError: ``state`` is larger than Service Bus keeps (256 KiB
+                on Standard, the size of one message).
         """
         await self._port.set_state(state_to_bytes(state))
 

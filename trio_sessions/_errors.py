@@ -8,6 +8,7 @@
     ├── MessageAlreadySettledError   settled twice (or settled in receive-and-delete mode)
     ├── MessageLockLostError         a message's own lock expired (non-session entities)
     ├── MessageNotFoundError         no deferred message with that sequence number
+    ├── MessageSizeExceededError     a message or session state is larger than Service Bus allows
     ├── EntityNotFoundError          fatal: no such queue, topic or subscription
     ├── SessionsNotEnabledError      fatal: a session receiver on an entity without sessions
     ├── AuthenticationError          fatal: bad key, expired token or missing claim
@@ -32,6 +33,7 @@ __all__ = [
     "MessageAlreadySettledError",
     "MessageLockLostError",
     "MessageNotFoundError",
+    "MessageSizeExceededError",
     "OperationTimeoutError",
     "ServiceBusConnectionError",
     "SessionCannotBeLockedError",
@@ -67,6 +69,16 @@ class MessageLockLostError(SessionsError):
 
 class MessageNotFoundError(SessionsError):
     """No deferred message has the requested sequence number."""
+
+
+class MessageSizeExceededError(SessionsError, ValueError):
+    """A message, or a session state, is larger than Service Bus allows.
+
+    Service Bus Standard takes messages of up to 256 KiB, and a session state of the size
+    of one message; the SDK raises its own ``MessageSizeExceededError`` (also a
+    `ValueError`) on send. Nothing is stored: split the payload, or keep it elsewhere and
+    send a reference.
+    """
 
 
 class EntityNotFoundError(SessionsError):

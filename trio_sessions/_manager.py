@@ -452,6 +452,8 @@ class SessionManager:
 
         Raises:
             TypeError: ``state`` is not bytes, str or None.
+            MessageSizeExceededError: ``state`` is larger than Service Bus keeps (256 KiB
+                on Standard, the size of one message).
             SessionCannotBeLockedError: another receiver holds the session.
         """
         await self._with_session(session_id, "set", state_to_bytes(state))

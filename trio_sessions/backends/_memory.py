@@ -36,6 +36,7 @@ from .._errors import (
     MessageAlreadySettledError,
     MessageLockLostError,
     MessageNotFoundError,
+    MessageSizeExceededError,
     OperationTimeoutError,
     SessionCannotBeLockedError,
     SessionLockLostError,
@@ -65,6 +66,42 @@ __all__ = ["MemoryBroker", "MemoryReceiver", "MemorySessionLink"]
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
 TTL_EXPIRED = "TTLExpiredException"
 SESSION_ID_MISSING = "SessionIdIsMissing"
+
+#: The largest message Service Bus Standard takes (Premium: up to 100 MB), and so the
+#: largest session state ("the size of one message", Service Bus docs, message sessions).
+MAX_MESSAGE_SIZE = 256 * 1024
+
+
+def _value_size(value: object) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value)
+    if isinstance(value, bool | int | float):
+        return 8
+    return len(str(value).encode("utf-8"))
+
+
+def message_size(message: Message) -> int:
+    """The bytes a message carries: body, properties and application properties.
+
+    A lower bound of its AMQP encoding (which adds type codes and lengths), so a message
+    the SDK lets through on the wire is never refused here.
+    """
+    size = len(message.body)
+    for text in (
+        message.session_id,
+        message.message_id,
+        message.content_type,
+        message.correlation_id,
+        message.subject,
+    ):
+        if text is not None:
+            size += len(text.encode("utf-8"))
+    for key, value in (message.application_properties or {}).items():
+        size += len(key.encode("utf-8")) + _value_size(value)
+    return size
+
 
 #: Operations `MemoryBroker.fail_next` can make fail.
 FAULT_OPERATIONS = frozenset(
@@ -360,6 +397,8 @@ class MemoryBroker:
             TypeError: something other than a `Message` was given.
             ValueError: a message without ``session_id`` was sent to a queue that
                 requires sessions.
+            MessageSizeExceededError: a message is larger than ``MAX_MESSAGE_SIZE``
+                (256 KiB, as on Service Bus Standard); nothing of the batch is stored.
         """
         await trio.lowlevel.checkpoint()
         batch = [messages] if isinstance(messages, Message) else list(messages)
@@ -381,6 +420,13 @@ class MemoryBroker:
         for item in batch:
             if not isinstance(item, Message):
                 raise TypeError(f"send takes Message objects, not {type(item).__name__}")
+            size = message_size(item)
+            if size > MAX_MESSAGE_SIZE:
+                raise MessageSizeExceededError(
+                    f"message {item.message_id!r} of session {item.session_id!r} has "
+                    f"{size} bytes of body and properties; Service Bus (Standard) takes at "
+                    f"most {MAX_MESSAGE_SIZE} bytes (256 KiB)"
+                )
         targets = self._send_targets(entity)
         if entity in self._queues and targets[0].requires_session:
             for item in batch:
@@ -1174,6 +1220,12 @@ class MemorySessionLink(SingleSettlements):
     def _set_state_now(self, state: bytes | None) -> None:
         if state is not None and not isinstance(state, bytes):
             raise TypeError(f"session state must be bytes or None, not {type(state).__name__}")
+        if state is not None and len(state) > MAX_MESSAGE_SIZE:
+            raise MessageSizeExceededError(
+                f"session state of {self.session_id!r} would be {len(state)} bytes; Service "
+                f"Bus (Standard) keeps at most {MAX_MESSAGE_SIZE} bytes (256 KiB, the size of "
+                "one message)"
+            )
         self._broker._inject("set_state")
         self._check()
         self._session.state = state
