@@ -362,7 +362,9 @@ def inject(
     """Inject one fault of ``kind``; return whether there was something to hit."""
     now = time.time()
     if kind == "cut_connections":
-        emulator.drop_connections()
+        # A network partition: the broker does not see the clients go, so their locks last
+        # until they expire (as on Service Bus) and nobody else takes their sessions sooner.
+        emulator.drop_connections(keep_locks=True)
         log.fault(Fault(kind="cut_connections", time=now))
     elif kind == "expire_lock":
         locked = broker.locked_sessions(QUEUE)

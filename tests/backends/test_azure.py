@@ -29,6 +29,7 @@ from trio_sessions import (
     ReceivedMessage,
     RetryPolicy,
     ServiceBusConnectionError,
+    SessionCannotBeLockedError,
     SessionContext,
     SessionManagerOptions,
     open_session_manager,
@@ -290,6 +291,33 @@ async def test_no_receiver_is_used_by_two_tasks_at_once(
                 manager.stop()
     assert peak == 1
     assert emulator.broker.active_message_count("short") == 0
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # the SDK's cut socket
+async def test_a_partition_keeps_locks_until_they_expire() -> None:
+    """drop_connections(keep_locks=True): the cut client's session stays locked until its
+    lock duration runs out, as Service Bus keeps a vanished client's lock."""
+    broker = MemoryBroker()
+    broker.create_queue("short", lock_duration=1.0)
+    async with serve_emulator(broker) as emulator:
+        async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+            await sb.send("short", Message("m", session_id="s"))
+            link = await sb.accept_session(EntityPath("short"), "s", max_wait_time=5)
+            (message,) = await link.receive(1)
+            cut_at = trio.current_time()
+            assert emulator.drop_connections(keep_locks=True) >= 1
+            assert broker.locked_sessions("short") == ["s"]
+            with pytest.raises(SessionCannotBeLockedError):
+                await sb.accept_session(EntityPath("short"), "s", max_wait_time=0.2)
+            with trio.fail_after(20):
+                again = await sb.accept_session(EntityPath("short"), None, max_wait_time=10)
+            assert trio.current_time() - cut_at >= 0.5  # not before the lock ran out
+            (redelivered,) = await again.receive(1)
+            assert (redelivered.message_id, redelivered.delivery_count) == (message.message_id, 1)
+            await again.complete(redelivered)
+    assert broker.active_message_count("short") == 0
 
 
 # ----------------------------------------------------------------------------------- errors

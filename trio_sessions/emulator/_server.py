@@ -249,7 +249,11 @@ class Emulator:
         return sorted(c.container_id for c in self._connections)
 
     def drop_connections(
-        self, *, container_id: str | None = None, session_id: str | None = None
+        self,
+        *,
+        container_id: str | None = None,
+        session_id: str | None = None,
+        keep_locks: bool = False,
     ) -> int:
         """Fault injection: cut client connections now, as a network failure would.
 
@@ -259,6 +263,11 @@ class Emulator:
         cut clients held are released at once (unsettled messages come back with
         delivery_count + 1); the clients see their connection fail. Returns how many
         connections were cut.
+
+        With ``keep_locks=True`` the cut is one the broker does not see (a network
+        partition rather than a client that closed or crashed): the sessions and message
+        locks the clients held stay locked until their lock duration runs out, as Service
+        Bus keeps a vanished client's locks, so nobody else takes them meanwhile.
         """
         dropped = [
             connection
@@ -267,7 +276,7 @@ class Emulator:
             and (session_id is None or session_id in connection.session_ids())
         ]
         for connection in dropped:
-            connection.drop()
+            connection.drop(keep_locks=keep_locks)
         return len(dropped)
 
     def delay_replies(self, seconds: float) -> None:
@@ -392,6 +401,7 @@ class _Connection:
         self._p = proton
         self._emulator = emulator
         self._stream = stream
+        self._keep_locks = False  # see Emulator.drop_connections
         self._connection = proton.Connection()
         self._transport = proton.Transport(proton.Transport.SERVER)
         self._transport.max_frame_size = MAX_FRAME_SIZE
@@ -439,8 +449,10 @@ class _Connection:
             if receiving.link is not None and not isinstance(receiving.link, MemoryReceiver)
         }
 
-    def drop(self) -> None:
-        """End this connection without a goodbye; its tasks release what it held."""
+    def drop(self, *, keep_locks: bool = False) -> None:
+        """End this connection without a goodbye; its tasks release what it held, or with
+        ``keep_locks`` leave it locked until the locks expire."""
+        self._keep_locks = keep_locks
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -817,7 +829,7 @@ class _Connection:
         Callers shield it (with a deadline): skipping it would strand a session lock.
         """
         self._receivers.pop(link.name, None)
-        if receiving.link is not None:
+        if receiving.link is not None and not self._keep_locks:
             await receiving.link.aclose()
         self._work.set()
 
