@@ -723,6 +723,26 @@ async def test_failed_auto_complete_is_reported(autojump_clock: trio.testing.Moc
     assert deliveries == [0, 1]
 
 
+async def test_failed_auto_complete_keeps_the_session_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a failed auto-complete the session is given back, so its next messages are
+    not handled before the unsettled one comes back."""
+    broker = make_broker()
+    await broker.send(Q, [Message(b"1", session_id="a"), Message(b"2", session_id="a")])
+    broker.fail_next("complete", ServiceBusConnectionError)
+    handled: list[tuple[bytes, int]] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        handled.append((message.body, message.delivery_count))
+
+    options = SessionManagerOptions(session_idle_timeout=1)
+    async with running(broker, handle, options, Errors()) as manager:
+        await trio.sleep(10)
+        assert manager.stats().messages_completed == 2
+    assert handled == [(b"1", 0), (b"1", 1), (b"2", 0)]
+
+
 async def test_transient_receive_errors_are_retried(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

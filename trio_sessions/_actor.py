@@ -784,6 +784,10 @@ class SessionActor:
             await trio.sleep_forever()  # noted; the lock scope is cancelled
         elif error is not None:
             await self._hooks.report(error, _settle_source(settlement), self.session_id, False)
+            # The message is still locked by us, unsettled: handling the session's next
+            # messages now would put it behind them. Give the session back instead, so
+            # that it is delivered again first (to us or to another receiver).
+            self.release("settlement failed")
 
     async def _handle(self, message: ReceivedMessage) -> None:
         callback = self._hooks.process_message
