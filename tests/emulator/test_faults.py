@@ -74,8 +74,10 @@ async def test_drop_one_chosen_connection(emulator: Emulator, by: str) -> None:
         for _ in range(2):
             await holding.acquire()
         assert {"cut", "keep"} <= set(emulator.container_ids)
-        assert emulator.drop_connections(**{by: "nobody"}) == 0
-        assert emulator.drop_connections(**{by: "cut" if by == "container_id" else "a"}) == 1
+        nobody: dict[str, Any] = {by: "nobody"}
+        chosen: dict[str, Any] = {by: "cut" if by == "container_id" else "a"}
+        assert emulator.drop_connections(**nobody) == 0
+        assert emulator.drop_connections(**chosen) == 1
         await trio.testing.wait_all_tasks_blocked()
         assert emulator.broker.locked_sessions("q") == ["b"]
         assert "cut" not in emulator.container_ids
