@@ -12,6 +12,9 @@ Three kinds of process, side by side in one run:
   backend is never imported there, since importing trio_asyncio replaces asyncio's
   policy): S concurrent ``NEXT_AVAILABLE_SESSION`` receivers, each
   ``receive_messages(max_message_count=1 + prefetch)`` + ``complete_message`` per message;
+* the **raw SDK on trio-asyncio** (``--worker raw_trio_asyncio``): the same workload in
+  one crossing into a ``trio_asyncio.open_loop()`` loop, with no manager and no bridge:
+  it splits P7 into what trio-asyncio's loop costs the SDK and what the manager adds;
 * the **manager** (``--worker manager``): `open_session_manager` on `AzureServiceBus`
   with a no-op handler, auto-complete, ``max_concurrent_sessions = S`` and the same
   prefetch. The process counts, by wrapping `AzureSessionLink.settle` and the bridge
@@ -118,6 +121,26 @@ def raw_worker(args: argparse.Namespace) -> dict[str, Any]:
             _raw(args.conn_str, args.sessions, args.per_session, args.prefetch)
         )
     assert "trio_asyncio" not in sys.modules, "the raw SDK process must stay plain asyncio"
+    return result
+
+
+def raw_trio_asyncio_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw SDK workload again, in the trio-asyncio loop the Azure backend uses.
+
+    One crossing for the whole run: the difference from the raw SDK under plain asyncio
+    is what running the SDK on trio-asyncio's loop costs, with no manager and no bridge.
+    """
+    import trio
+    import trio_asyncio
+
+    async def run() -> dict[str, Any]:
+        async with trio_asyncio.open_loop():
+            result: dict[str, Any] = await trio_asyncio.aio_as_trio(_raw)(
+                args.conn_str, args.sessions, args.per_session, args.prefetch
+            )
+        return result
+
+    result: dict[str, Any] = trio.run(run)
     return result
 
 
@@ -363,7 +386,12 @@ def main() -> None:
             per_session=int(per_session),
             prefetch=int(prefetch),
         )
-        figures = (raw_worker if kind == "raw" else manager_worker)(worker_args)
+        workers = {
+            "raw": raw_worker,
+            "raw_trio_asyncio": raw_trio_asyncio_worker,
+            "manager": manager_worker,
+        }
+        figures = workers[kind](worker_args)
         print(json.dumps(figures))
         return
     started = time.perf_counter()
@@ -376,9 +404,9 @@ def main() -> None:
         raise SystemExit("this benchmark reads the emulator's CPU time from /proc (Linux only)")
     progress(
         f"sdk: {args.sessions} sessions x {args.per_session} messages, prefetch "
-        f"{args.prefetch}, {args.repeat} round(s) of raw SDK then manager"
+        f"{args.prefetch}, {args.repeat} round(s) of raw SDK, raw SDK on trio-asyncio, manager"
     )
-    rounds: dict[str, list[dict[str, Any]]] = {"raw": [], "manager": []}
+    rounds: dict[str, list[dict[str, Any]]] = {"raw": [], "raw_trio_asyncio": [], "manager": []}
     with emulator() as (conn_str, pid):
         for round_ in range(args.repeat):
             progress(f"round {round_ + 1} of {args.repeat}")
@@ -387,6 +415,8 @@ def main() -> None:
     raw = max(rounds["raw"], key=lambda r: r["messages_per_s"])
     manager = max(rounds["manager"], key=lambda r: r["messages_per_s"])
     raw_cpu = min(r["cpu_us_per_message"] for r in rounds["raw"])
+    loop_cpu = min(r["cpu_us_per_message"] for r in rounds["raw_trio_asyncio"])
+    on_loop = max(rounds["raw_trio_asyncio"], key=lambda r: r["messages_per_s"])
     manager_cpu = min(r["cpu_us_per_message"] for r in rounds["manager"])
     # The bridge figures of the manager round with the cheapest bridge (noise only adds).
     bridged = min(rounds["manager"], key=lambda r: r["bridge"]["crossing_cpu_us"])["bridge"]
@@ -406,6 +436,15 @@ def main() -> None:
         "P6_bridge_cpu_us_per_settlement": p6,
         "P7_manager_cpu_over_raw_minus_1": p7,
         "P8_manager_over_raw_messages_per_s": p8,
+        # P7 split: the SDK on trio-asyncio's loop (no manager, no bridge) over plain asyncio,
+        # then the manager (and its bridge crossings) over that.
+        "raw_trio_asyncio_cpu_over_raw_minus_1": loop_cpu / raw_cpu - 1,
+        "manager_cpu_over_raw_trio_asyncio_minus_1": manager_cpu / loop_cpu - 1,
+        "raw_trio_asyncio_over_raw_messages_per_s": on_loop["messages_per_s"]
+        / raw["messages_per_s"],
+        "manager_extra_cpu_us_per_message": manager_cpu - raw_cpu,
+        "bridge_cpu_us_per_message": bridged["crossing_cpu_us"]
+        * (manager["crossings"] / manager["messages"]),
     }
     note6 = (
         f"a crossing costs {bridged['crossing_cpu_us']:.1f} µs CPU over a direct await; "
@@ -427,12 +466,17 @@ def main() -> None:
         },
         figures={
             "raw_sdk": raw,
+            "raw_sdk_on_trio_asyncio": on_loop,
             "manager": {k: v for k, v in manager.items() if k != "bridge"},
             "rounds": {
                 kind: [{k: v for k, v in r.items() if k != "bridge"} for r in rs]
                 for kind, rs in rounds.items()
             },
-            "best_cpu_us_per_message": {"raw_sdk": raw_cpu, "manager": manager_cpu},
+            "best_cpu_us_per_message": {
+                "raw_sdk": raw_cpu,
+                "raw_sdk_on_trio_asyncio": loop_cpu,
+                "manager": manager_cpu,
+            },
             "observed": observed,
             "bridge": bridged,
         },
