@@ -127,14 +127,21 @@ def raw_worker(args: argparse.Namespace) -> dict[str, Any]:
 def raw_trio_asyncio_worker(args: argparse.Namespace) -> dict[str, Any]:
     """The raw SDK workload again, in the trio-asyncio loop the Azure backend uses.
 
-    One crossing for the whole run: the difference from the raw SDK under plain asyncio
-    is what running the SDK on trio-asyncio's loop costs, with no manager and no bridge.
+    One crossing for the whole run, into a loop set up as `AzureServiceBus` sets up the
+    one it opens: the difference from the raw SDK under plain asyncio is what running the
+    SDK on trio-asyncio's loop costs, with no manager and no bridge.
     """
     import trio
     import trio_asyncio
 
+    from trio_sessions.backends import _azure
+
     async def run() -> dict[str, Any]:
-        async with trio_asyncio.open_loop():
+        async with trio_asyncio.open_loop() as loop:
+            # As AzureServiceBus sets up the loop it opens (when it has this setting).
+            setup = getattr(_azure, "_run_ready_handles_together", None)
+            if setup is not None:
+                setup(loop)
             result: dict[str, Any] = await trio_asyncio.aio_as_trio(_raw)(
                 args.conn_str, args.sessions, args.per_session, args.prefetch
             )
