@@ -49,6 +49,16 @@ WHY = {
     "waiting in the broker under a scope of its own, and its context: about twice a bare "
     "task and its channel",
     "P4 ratio": "as P4: the reference is one task, one channel and no cancel scope",
+    "P6": "at `prefetch_count=0` the actor settles each message before receiving the "
+    "next, so a crossing carries one settlement, and a trio-asyncio crossing (an asyncio "
+    "task, its done callback, two passes of Trio's scheduler) costs about 24 µs of CPU "
+    'here; see "The Azure path" below',
+    "P7": "the SDK on trio-asyncio's loop costs more than under plain asyncio (its callbacks "
+    "run through Trio's scheduler), the two crossings per message (a receive, a "
+    "settlement) cost about 50 µs, and the manager's and link's own work comes on top; "
+    'see "The Azure path" below',
+    "P8": "the manager's client is CPU-bound (P7) where the raw SDK waits on the emulator, "
+    "and each message waits for two crossings",
     "P5": "the broker's own part of a lifecycle (accept, two receives, a settlement, close: "
     "what the naive loop pays) takes most of the budget; the actor adds a task, a "
     "nursery and its scopes",
@@ -110,6 +120,28 @@ def _measured(key: str, documents: dict[str, dict[str, Any]]) -> str:
                 f"{bare['bytes_per_traced'] / 1024:.1f} / {bare['bytes_per_rss'] / 1024:.1f} KiB"
             )
         return "; ".join(parts)
+    sdk = documents.get("sdk")
+    if key in ("P6", "P7", "P8") and sdk is not None and "raw_sdk" in sdk["figures"]:
+        figures, observed = sdk["figures"], sdk["figures"]["observed"]
+        best_cpu = figures["best_cpu_us_per_message"]
+        if key == "P6":
+            bridge = figures["bridge"]
+            return (
+                f"crossing {bridge['crossing_cpu_us']:.1f} µs CPU; settle batch of "
+                f"{bridge['settlements_per_batch']} {bridge['settle_overhead_cpu_us_per_batch']:.1f}"
+                f" µs over the direct await; {observed['settlements_per_crossing']:.2f} "
+                "settlements per crossing in the manager run"
+            )
+        if key == "P7":
+            return (
+                f"client CPU per message: manager {best_cpu['manager']:.0f} µs, raw SDK "
+                f"{best_cpu['raw_sdk']:.0f} µs (on trio-asyncio's loop alone "
+                f"{best_cpu['raw_sdk_on_trio_asyncio']:.0f} µs)"
+            )
+        return (
+            f"manager {figures['manager']['messages_per_s']:,.0f}, raw SDK "
+            f"{figures['raw_sdk']['messages_per_s']:,.0f} messages/s"
+        )
     return ""
 
 
@@ -265,6 +297,53 @@ def _latency_rows(document: dict[str, Any]) -> list[str]:
     return out
 
 
+def _sdk_rows(document: dict[str, Any]) -> list[str]:
+    params, figures, ratios = document["parameters"], document["figures"], document["ratios"]
+    if "raw_sdk" not in figures:
+        return []
+    best_cpu = figures["best_cpu_us_per_message"]
+    out = [
+        "",
+        f"**The Azure path** against the emulator (its own process): {params['sessions']} "
+        f"sessions x {params['messages_per_session']} messages, `prefetch_count="
+        f"{params['prefetch_count']}`, each client in its own process, best of "
+        f"{params['rounds']} alternating rounds",
+        "",
+        "| client | messages/s (wall) | client CPU per message | emulator CPU per message (over the client process's life) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, label in (
+        ("raw_sdk", "raw asyncio SDK, plain asyncio"),
+        ("raw_sdk_on_trio_asyncio", "raw asyncio SDK, on trio-asyncio's loop"),
+        ("manager", "manager on `AzureServiceBus`"),
+    ):
+        row = figures.get(name)
+        if row is None:
+            continue
+        emulator = row["emulator_cpu_s"] * 1e6 / row["messages"]
+        out.append(
+            f"| {label} | {row['messages_per_s']:,.0f} | {best_cpu[name]:.0f} µs "
+            f"| {emulator:.0f} µs |"
+        )
+    observed, bridge = figures["observed"], figures["bridge"]
+    out += [
+        "",
+        f"Manager run: {observed['settlements_per_crossing']:.2f} settlements per "
+        f"settlement crossing, {observed['crossings_per_message']:.2f} crossings and "
+        f"{observed['sdk_receives_per_message']:.2f} SDK receives per message (raw SDK "
+        f"{observed['raw_sdk_receives_per_message']:.2f}), "
+        f"{observed['preempted_receives_per_message']:.3f} receives preempted per message. "
+        f"Bridge: a `_Call` round trip {bridge['call_us']['cpu']:.1f} µs CPU "
+        f"(a direct await {bridge['direct_call_us']['cpu']:.2f} µs); `settle` of "
+        f"{bridge['settlements_per_batch']} {bridge['settle_batch_us']['cpu']:.1f} µs "
+        f"(`_settle_all` awaited directly {bridge['direct_settle_batch_us']['cpu']:.1f} µs); "
+        f"the crossings cost {ratios['bridge_cpu_us_per_message']:.0f} µs CPU per message "
+        f"of the manager's {ratios['manager_extra_cpu_us_per_message']:.0f} µs over the raw "
+        "SDK.",
+    ]
+    return out
+
+
 def _provenance(documents: dict[str, dict[str, Any]]) -> list[str]:
     any_doc = next(iter(documents.values()))
     versions = ", ".join(f"{k} {v}" for k, v in any_doc["versions"].items() if v)
@@ -300,6 +379,8 @@ def render(results: Path = RESULTS) -> str:
         lines += _churn_rows(documents["churn"])
     if "latency" in documents:
         lines += _latency_rows(documents["latency"])
+    if "sdk" in documents:
+        lines += _sdk_rows(documents["sdk"])
     lines += _provenance(documents)
     return "\n".join(lines) + "\n"
 
