@@ -49,10 +49,12 @@ def handler_calls(
     entries: list[dict[str, Any]], killed_pid: int, killed_at: float
 ) -> list[dict[str, Any]]:
     """Pair start and end lines into calls; a call the SIGKILL cut ends at the kill."""
-    open_calls: dict[tuple[int, str, int], dict[str, Any]] = {}
+    open_calls: dict[tuple[int, str, int, int], dict[str, Any]] = {}
     calls = []
     for entry in sorted(entries, key=lambda e: e["time"]):
-        key = (entry["pid"], entry["session"], entry["sequence_number"])
+        # With the delivery count: a redelivery may start in the same process before the
+        # call that lost its lock has ended.
+        key = (entry["pid"], entry["session"], entry["sequence_number"], entry["delivery_count"])
         if entry["kind"] == "start":
             open_calls[key] = {**entry, "end": None}
         else:
