@@ -25,6 +25,7 @@ from trio_sessions import (
     ErrorSource,
     MemoryBroker,
     Message,
+    MessageSizeExceededError,
     OperationTimeoutError,
     ReceivedMessage,
     RetryPolicy,
@@ -395,4 +396,6 @@ async def test_send_rejects_what_is_not_a_message(emulator: Emulator) -> None:
         with pytest.raises(ValueError, match="entity"):
             await sb.send("", Message("x", session_id="s"))
         await sb.send(Q, [])
+        with pytest.raises(MessageSizeExceededError):
+            await sb.send(Q, Message(b"x" * 300_000, session_id="s"))
     assert emulator.broker.active_message_count(Q) == 0

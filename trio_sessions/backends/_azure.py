@@ -38,6 +38,7 @@ from .._errors import (
     MessageAlreadySettledError,
     MessageLockLostError,
     MessageNotFoundError,
+    MessageSizeExceededError,
     OperationTimeoutError,
     ServiceBusConnectionError,
     SessionCannotBeLockedError,
@@ -82,6 +83,7 @@ _SDK_ERRORS: tuple[tuple[type[BaseException], type[SessionsError]], ...] = (
     (sdk_errors.MessageAlreadySettled, MessageAlreadySettledError),
     (sdk_errors.MessageNotFoundError, MessageNotFoundError),
     (sdk_errors.SessionCannotBeLockedError, SessionCannotBeLockedError),
+    (sdk_errors.MessageSizeExceededError, MessageSizeExceededError),
     (sdk_errors.MessagingEntityNotFoundError, EntityNotFoundError),
     (sdk_errors.MessagingEntityDisabledError, EntityNotFoundError),
     (sdk_errors.ServiceBusAuthenticationError, AuthenticationError),
@@ -691,7 +693,8 @@ class AzureServiceBus:
         Raises:
             TypeError: not a `Message` or a list of them.
             EntityNotFoundError: no such queue or topic.
-            ValueError: the batch is larger than the entity allows.
+            MessageSizeExceededError: a message, or the batch, is larger than the entity
+                allows (a `ValueError`).
         """
         if isinstance(messages, Message):
             batch: list[Message] | Message = messages
@@ -711,10 +714,7 @@ class AzureServiceBus:
             else [_message_to_sdk(item) for item in batch]
         )
         async with lock:
-            try:
-                await self._call(sender.send_messages, payload)
-            except sdk_errors.MessageSizeExceededError as exc:
-                raise ValueError(str(exc)) from exc
+            await self._call(sender.send_messages, payload)
 
     async def _sender(self, entity: str) -> tuple[trio.Lock, ServiceBusSender]:
         async with self._senders_lock:

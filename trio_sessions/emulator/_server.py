@@ -36,6 +36,7 @@ from .._errors import (
     MessageAlreadySettledError,
     MessageLockLostError,
     MessageNotFoundError,
+    MessageSizeExceededError,
     OperationTimeoutError,
     SessionCannotBeLockedError,
     SessionLockLostError,
@@ -1102,12 +1103,13 @@ class _Connection:
             try:
                 self._emulator.broker._send_now(entity, [self._to_message(m) for m in messages])
             except (ValueError, TypeError, EntityNotFoundError) as exc:
-                delivery.local.condition = self._condition(
-                    "amqp:not-found"
-                    if isinstance(exc, EntityNotFoundError)
-                    else "amqp:not-allowed",
-                    str(exc),
-                )
+                if isinstance(exc, EntityNotFoundError):
+                    condition = "amqp:not-found"
+                elif isinstance(exc, MessageSizeExceededError):
+                    condition = "amqp:link:message-size-exceeded"  # the SDK's own error
+                else:
+                    condition = "amqp:not-allowed"
+                delivery.local.condition = self._condition(condition, str(exc))
                 delivery.update(self._p.Delivery.REJECTED)
             else:
                 _accept(delivery)
