@@ -20,6 +20,7 @@ import hmac
 import importlib
 import math
 import secrets
+import socket
 import time
 import types
 import urllib.parse
@@ -84,8 +85,6 @@ DEFAULT_WRITE_TIMEOUT = 30.0
 #: Bytes produced for one client and not yet written to its socket above which the
 #: emulator stops taking deliveries for it from the broker and stops reading its requests.
 OUTPUT_LIMIT = 1 << 20
-#: Largest piece written at once: the write timeout bounds each piece.
-WRITE_PIECE = 1 << 16
 #: Messages taken from the broker at once for one receiver link (bounds the output overshoot).
 DELIVERY_BATCH = 32
 #: Seconds spent discarding a client's last input after our close, so it reads our close
@@ -413,6 +412,14 @@ class _Connection:
         self._drained = trio.Event()
         self._receivers: dict[str, _Receiving] = {}
         self._nursery: trio.Nursery | None = None
+        # The write loop's one timer (heartbeat, idle time-out, delayed reply), moved
+        # rather than made anew for each wait; `_timer_task` wakes the loop when it fires.
+        self._timer = trio.CancelScope()
+        # The stream's socket, duplicated for non-blocking calls: trio's socket methods
+        # take a scheduling round-trip (and a cancel scope for the write timeout) each.
+        raw = stream.socket
+        self._sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+        self._sock.setblocking(False)
 
     async def serve(self) -> None:
         self._emulator._connections.add(self)
@@ -422,12 +429,15 @@ class _Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._read)
                 nursery.start_soon(self._expect_open)
+                nursery.start_soon(self._timer_task)
                 try:
                     finished = await self._write_loop()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._emulator._connections.discard(self)
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
         if finished:
             await self._linger()
 
@@ -459,10 +469,7 @@ class _Connection:
         transport = self._transport
         while True:
             await self._output_room()  # a client that does not read its replies is not read
-            try:
-                data = await self._stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                data = b""
+            data = await self._receive()
             if not data:
                 transport.close_tail()
                 self._work.set()
@@ -481,14 +488,27 @@ class _Connection:
                 self._handle_events()
             self._work.set()
 
+    async def _receive(self) -> bytes:
+        """What the client sent next (b"" at its end, or if the connection failed)."""
+        sock = self._sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(65536)
+            except BlockingIOError:  # a spurious wake-up
+                continue
+            except OSError:  # reset by the client: as its end
+                return b""
+
     def _backlog(self) -> int:
         """Bytes made for the client and not yet written to its socket."""
+        c = _cproton()
         buffered = 0
-        session = self._connection.session_head(0)
-        while session is not None:
-            buffered += session.outgoing_bytes  # deliveries proton has not framed yet
-            session = session.next(0)
-        pending: int = self._transport.pending()
+        session = c.pn_session_head(self._connection._impl, 0)
+        while not c.isnull(session):  # through the C API: no wrapper per session and read
+            buffered += c.pn_session_outgoing_bytes(session)  # deliveries not framed yet
+            session = c.pn_session_next(session, 0)
+        pending: int = c.pn_transport_pending(self._transport._impl)
         return self._outbox_bytes + max(pending, 0) + buffered
 
     async def _output_room(self) -> None:
@@ -536,25 +556,37 @@ class _Connection:
             wake = math.inf if not deadline else now + deadline - time.monotonic()
             if outbox:
                 wake = min(wake, outbox[0][0])
+            if wake < self._timer.deadline:  # it fires early at worst: the loop looks again
+                self._timer.deadline = wake
             self._work = trio.Event()
-            if wake == math.inf:  # no heartbeat, time-out or delayed reply due: no timer
-                await self._work.wait()
-                continue
-            with trio.move_on_at(wake):
-                await self._work.wait()
+            await self._work.wait()
+
+    async def _timer_task(self) -> None:
+        """Wake the write loop when its timer (`_timer`'s deadline) comes."""
+        while True:
+            with self._timer:
+                await trio.sleep_forever()
+            self._timer = trio.CancelScope()  # no deadline until the write loop sets one
+            self._work.set()
 
     async def _send(self, chunk: bytes) -> bool:
         """Write ``chunk``; False if the client is gone or read nothing for write_timeout."""
         timeout = self._emulator.write_timeout
+        sock = self._sock
         view = memoryview(chunk)
         try:
-            for start in range(0, len(view), WRITE_PIECE):
+            while view:
+                try:
+                    view = view[sock.send(view) :]
+                    continue
+                except BlockingIOError:  # the client's window is full: wait for progress
+                    pass
                 with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-                    await self._stream.send_all(view[start : start + WRITE_PIECE])
+                    await trio.lowlevel.wait_writable(sock)
                 if scope.cancelled_caught:
                     logger.warning("dropping a client that read nothing for %s s", timeout)
                     return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except OSError:  # the client is gone
             return False
         self._written += len(chunk)
         return True
