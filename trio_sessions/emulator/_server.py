@@ -500,6 +500,7 @@ class _Connection:
         # The write loop's one timer (heartbeat, idle time-out, delayed reply), moved
         # rather than made anew for each wait; `_timer_task` wakes the loop when it fires.
         self._timer = trio.CancelScope()
+        self._writer_idle = False  # the write loop waits for work (see `_write_now`)
         # The stream's socket, duplicated for non-blocking calls: trio's socket methods
         # take a scheduling round-trip (and a cancel scope for the write timeout) each.
         raw = stream.socket
@@ -571,7 +572,7 @@ class _Connection:
                 transport.push(data[:capacity])
                 data = data[capacity:]
                 self._handle_events()
-            self._work.set()
+            self._write_now()
 
     async def _receive(self) -> bytes:
         """What the client sent next (b"" at its end, or if the connection failed)."""
@@ -644,7 +645,46 @@ class _Connection:
             if wake < self._timer.deadline:  # it fires early at worst: the loop looks again
                 self._timer.deadline = wake
             self._work = trio.Event()
-            await self._work.wait()
+            self._writer_idle = True
+            try:
+                await self._work.wait()
+            finally:
+                self._writer_idle = False
+
+    def _write_now(self) -> None:
+        """Have what proton made for the client written: from this task at once if the
+        write loop waits and holds nothing back (it saves a wake-up of the write loop per
+        message), else by the write loop."""
+        if not self._writer_idle or self._outbox or self._emulator._reply_delay:
+            self._work.set()
+            return
+        transport = self._transport
+        deadline = transport.tick(time.monotonic())
+        pending = transport.pending()
+        if pending < 0:  # the transport is done for output: the write loop ends it
+            self._work.set()
+            return
+        if pending:
+            chunk = transport.peek(pending)
+            transport.pop(pending)
+            try:
+                sent = self._sock.send(chunk)
+            except OSError:  # the socket is full (or broken): the write loop waits (or sees)
+                sent = 0
+            self._written += sent
+            if sent < pending:
+                self._outbox.append((trio.current_time(), chunk[sent:]))
+                self._outbox_bytes += pending - sent
+                self._work.set()
+                return
+            self._wake_drained()
+            if transport.pending() < 0:  # that was the last: the write loop ends it
+                self._work.set()
+                return
+        if deadline:  # as the write loop would set its timer
+            wake = trio.current_time() + deadline - time.monotonic()
+            if wake < self._timer.deadline:
+                self._timer.deadline = wake
 
     async def _timer_task(self) -> None:
         """Wake the write loop when its timer (`_timer`'s deadline) comes."""
@@ -919,7 +959,7 @@ class _Connection:
                 self._deliver(link, receiving, message, mode)
             if link.drain_mode and len(messages) < batch:  # all there is went out
                 link.drained()
-            self._work.set()
+            self._write_now()
 
     @staticmethod
     async def _available(memlink: Any, count: int) -> list[Any]:
@@ -1047,8 +1087,7 @@ class _Connection:
             _accept(delivery)
         else:
             delivery.update(state)
-        delivery.settle()
-        self._work.set()
+        delivery.settle()  # the task handling events has the echo written
 
     def _session_management(
         self, memlink: Any, operation: str, body: dict[Any, Any]
