@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["amqp_value", "application_properties", "data", "message_annotations", "properties"]
+__all__ = [
+    "Unsupported",
+    "amqp_value",
+    "application_properties",
+    "data",
+    "encoded_annotations",
+    "message_annotations",
+    "properties",
+    "sections",
+    "timestamp",
+]
 
 _LONG = struct.Struct(">q")
 _DOUBLE = struct.Struct(">d")
@@ -145,6 +155,19 @@ def _symbol_key(name: str) -> bytes:
 def message_annotations(annotations: Mapping[str, Any]) -> bytes:
     """The message-annotations section: symbol keys."""
     return _section(0x72, _map(annotations, _symbol_key))
+
+
+def encoded_annotations(entries: Sequence[tuple[str, bytes]]) -> bytes:
+    """The message-annotations section from its symbol keys and their values, each value
+    encoded already (`amqp_value`, `timestamp`): what `message_annotations` writes, without
+    a proton value to make and type-dispatch for each."""
+    body = b"".join([_symbol_key(key) + value for key, value in entries])
+    return _section(0x72, _compound(0xC1, 0xD1, 2 * len(entries), body))
+
+
+def timestamp(milliseconds: int) -> bytes:
+    """An AMQP timestamp: milliseconds since the Unix epoch."""
+    return b"\x83" + _LONG.pack(milliseconds)
 
 
 def properties(fields: Sequence[Any]) -> bytes:

@@ -984,20 +984,21 @@ class _Connection:
         ``state`` is Service Bus's message state: 0 active, 1 deferred, 2 scheduled.
         """
         p = self._p
-        annotations = {
-            "x-opt-sequence-number": message.sequence_number,  # int encodes as long
-            "x-opt-enqueued-time": p.timestamp(message.enqueued_time.timestamp() * 1000),
-        }
+        timestamp = _codec.timestamp
+        annotations = [
+            ("x-opt-sequence-number", _codec.amqp_value(message.sequence_number)),  # a long
+            ("x-opt-enqueued-time", timestamp(int(message.enqueued_time.timestamp() * 1000))),
+        ]
         if message.locked_until is not None:
-            annotations["x-opt-locked-until"] = p.timestamp(message.locked_until.timestamp() * 1000)
+            locked_until = int(message.locked_until.timestamp() * 1000)
+            annotations.append(("x-opt-locked-until", timestamp(locked_until)))
         if message.scheduled_enqueue_time is not None:
-            annotations["x-opt-scheduled-enqueue-time"] = p.timestamp(
-                round(message.scheduled_enqueue_time.timestamp() * 1000)
-            )
+            scheduled = round(message.scheduled_enqueue_time.timestamp() * 1000)
+            annotations.append(("x-opt-scheduled-enqueue-time", timestamp(scheduled)))
         if message.partition_key is not None:
-            annotations["x-opt-partition-key"] = message.partition_key
+            annotations.append(("x-opt-partition-key", _codec.amqp_value(message.partition_key)))
         if state:
-            annotations["x-opt-message-state"] = p.int32(state)
+            annotations.append(("x-opt-message-state", _codec.amqp_value(p.int32(state))))
         content_type = message.content_type
         fields = [message.message_id, None, message.to, message.subject, message.reply_to]
         fields += [message.correlation_id, None if content_type is None else p.symbol(content_type)]
@@ -1006,7 +1007,7 @@ class _Connection:
         ttl = message.time_to_live
         return (
             _header(message.delivery_count, None if ttl is None else round(ttl * 1000))
-            + _codec.message_annotations(annotations)
+            + _codec.encoded_annotations(annotations)
             + _codec.properties(fields)  # ..., group-id, group-sequence, reply-to-group-id
             + _codec.application_properties(
                 {k: _to_amqp(v) for k, v in properties.items()} if properties else {}
@@ -1031,11 +1032,11 @@ class _Connection:
             # wrappers keep attributes on the native object, so the message rides along.
             delivery.received_message = message
 
-    def _on_settlement(self, delivery: Any, link: Any) -> None:
-        """A client settled a message it received on ``link``: apply it, then echo the
-        outcome (spec §8)."""
+    def _on_settlement(self, delivery: Any, link_name: str) -> None:
+        """A client settled a message it received on link ``link_name``: apply it, then
+        echo the outcome (spec §8)."""
         p = self._p
-        receiving = self._receivers.get(link.name)
+        receiving = self._receivers.get(link_name)
         message = getattr(delivery, "received_message", None)
         if receiving is None or message is None or receiving.link is None:
             if not delivery.link.state & p.Endpoint.LOCAL_CLOSED:
@@ -1044,11 +1045,11 @@ class _Connection:
             # state would only confuse pyamqp, which matches it to its own delivery ids
             return
         state = delivery.remote_state
-        remote = delivery.remote
         settlement: Settlement | None
         if state == p.Delivery.ACCEPTED:
             settlement = Complete(message)
         elif state == p.Delivery.REJECTED:
+            remote = delivery.remote
             # The info map carries the reason and description; any other keys (JS puts
             # them there) are properties to modify.
             info = _str_keys((remote.condition.info if remote.condition else None) or {})
@@ -1061,6 +1062,7 @@ class _Connection:
                 properties_to_modify=info or None,
             )
         elif state == p.Delivery.MODIFIED:
+            remote = delivery.remote
             # modified's message-annotations are the properties to modify (spec §8.2)
             modify = _str_keys(remote.annotations or {}) or None
             settlement = (
@@ -1214,11 +1216,13 @@ class _Connection:
         link.close()
 
     def _on_delivery(self, delivery: Any) -> None:
-        link = delivery.link
-        if link.is_sender:
+        c = _cproton()
+        link_impl = c.pn_delivery_link(delivery._impl)
+        if c.pn_link_is_sender(link_impl):  # no Link wrapper for each settlement
             if delivery.updated and delivery.remote_state:
-                self._on_settlement(delivery, link)
+                self._on_settlement(delivery, c.pn_link_name(link_impl))
             return
+        link = delivery.link
         if not delivery.readable or delivery.partial:
             return
         data = link.recv(delivery.pending)
