@@ -78,3 +78,15 @@ def test_a_whole_message() -> None:
     assert message.properties == {"k": "v", "u": uuid.UUID(int=5)}
     assert message.body == body
     assert _codec.properties([None, None]) == b""
+
+
+@given(st.dictionaries(st.text(st.characters(max_codepoint=127)), VALUES, max_size=40))
+def test_annotations_from_encoded_values(annotations: dict[str, Any]) -> None:
+    """The section from values encoded one by one is the section `message_annotations` writes."""
+    entries = [(key, _codec.amqp_value(value)) for key, value in annotations.items()]
+    assert _codec.encoded_annotations(entries) == _codec.message_annotations(annotations)
+
+
+@given(INT64)
+def test_a_timestamp(milliseconds: int) -> None:
+    assert _codec.timestamp(milliseconds) == _codec.amqp_value(proton.timestamp(milliseconds))

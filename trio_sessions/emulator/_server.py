@@ -20,6 +20,7 @@ import hmac
 import importlib
 import math
 import secrets
+import socket
 import time
 import types
 import urllib.parse
@@ -85,8 +86,6 @@ DEFAULT_WRITE_TIMEOUT = 30.0
 #: Bytes produced for one client and not yet written to its socket above which the
 #: emulator stops taking deliveries for it from the broker and stops reading its requests.
 OUTPUT_LIMIT = 1 << 20
-#: Largest piece written at once: the write timeout bounds each piece.
-WRITE_PIECE = 1 << 16
 #: Messages taken from the broker at once for one receiver link (bounds the output overshoot).
 DELIVERY_BATCH = 32
 #: Seconds spent discarding a client's last input after our close, so it reads our close
@@ -388,6 +387,91 @@ def _ticks(moment: dt.datetime) -> int:
     return TICKS_AT_EPOCH + round(moment.timestamp() * 10_000_000)
 
 
+#: What each field of a message's header and properties sections may be for `_Decoded`:
+#: the types the SDKs send; anything else is left to proton's decoder.
+_HEADER_TYPES: tuple[tuple[type, ...], ...] = ((bool,), (int,), (int,), (bool,), (int,))
+_PROPERTY_TYPES: tuple[tuple[type, ...], ...] = (
+    (str, uuid.UUID),  # message-id (a ulong or binary id goes through proton)
+    (bytes,),  # user-id
+    (str,),  # to
+    (str,),  # subject
+    (str,),  # reply-to
+    (str, uuid.UUID),  # correlation-id
+    (str,),  # content-type
+    (str,),  # content-encoding
+    (int,),  # absolute-expiry-time (a proton.timestamp)
+    (int,),  # creation-time
+    (str,),  # group-id
+    (int,),  # group-sequence
+    (str,),  # reply-to-group-id
+)
+#: Application property and annotation values `_Decoded` takes (no lists or maps).
+_SIMPLE_TYPES = (bool, int, float, str, bytes, uuid.UUID)
+
+
+def _checked(fields: Any, types: tuple[tuple[type, ...], ...]) -> list[Any]:
+    """A header or properties list, each field None or of its type, padded with None."""
+    if not isinstance(fields, list) or len(fields) > len(types):
+        raise _codec.Unsupported("a header or properties section of another shape")
+    for field, allowed in zip(fields, types, strict=False):
+        if field is not None and (
+            not isinstance(field, allowed) or (type(field) is bool and bool not in allowed)
+        ):
+            raise _codec.Unsupported("a header or property field of another type")
+    return fields + [None] * (len(types) - len(fields))
+
+
+def _simple_map(value: Any) -> dict[Any, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str | int) and (v is None or isinstance(v, _SIMPLE_TYPES))
+        for k, v in value.items()
+    ):
+        raise _codec.Unsupported("a map of other keys or values")
+    return value
+
+
+class _Decoded:
+    """An incoming message read by `_codec.sections`, with the attributes of proton's
+    ``Message`` that `_Connection._to_message` reads, of the same values.
+
+    Decoding a transfer through proton's ``Message`` (a ``Data`` tree per section, a
+    wrapper per value) was a large part of the emulator's CPU per message sent. Raises
+    `_codec.Unsupported` for anything outside what the SDKs send; the caller then uses
+    proton's decoder, so every message proton reads is still read the same.
+    """
+
+    __slots__ = (
+        "address",
+        "annotations",
+        "body",
+        "content_type",
+        "correlation_id",
+        "group_id",
+        "id",
+        "properties",
+        "reply_to",
+        "reply_to_group_id",
+        "subject",
+        "ttl",
+    )
+
+    def __init__(self, found: dict[int, Any]) -> None:
+        header = _checked(found.get(0x70, []), _HEADER_TYPES)
+        fields = _checked(found.get(0x73, []), _PROPERTY_TYPES)
+        self.annotations = _simple_map(found.get(0x72))
+        self.properties = _simple_map(found.get(0x74))
+        body = found.get(0x75, found.get(0x77))
+        if body is not None and not isinstance(body, bytes | str):
+            raise _codec.Unsupported("a body of another type")
+        self.body = body
+        self.ttl = (header[2] or 0) / 1000  # proton: seconds, 0 when absent
+        (self.id, _, self.address, self.subject, self.reply_to, self.correlation_id) = fields[:6]
+        self.content_type = fields[6]
+        self.group_id, _, self.reply_to_group_id = fields[10:]
+
+
 def _data_object(data: Any) -> Any:
     """The first value held by a proton ``Data`` (a terminus filter), or None."""
     data.rewind()
@@ -424,6 +508,15 @@ class _Connection:
         self._drained = trio.Event()
         self._receivers: dict[str, _Receiving] = {}
         self._nursery: trio.Nursery | None = None
+        # The write loop's one timer (heartbeat, idle time-out, delayed reply), moved
+        # rather than made anew for each wait; `_timer_task` wakes the loop when it fires.
+        self._timer = trio.CancelScope()
+        self._writer_idle = False  # the write loop waits for work (see `_write_now`)
+        # The stream's socket, duplicated for non-blocking calls: trio's socket methods
+        # take a scheduling round-trip (and a cancel scope for the write timeout) each.
+        raw = stream.socket
+        self._sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+        self._sock.setblocking(False)
 
     async def serve(self) -> None:
         self._emulator._connections.add(self)
@@ -433,12 +526,15 @@ class _Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._read)
                 nursery.start_soon(self._expect_open)
+                nursery.start_soon(self._timer_task)
                 try:
                     finished = await self._write_loop()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._emulator._connections.discard(self)
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
         if finished:
             await self._linger()
 
@@ -472,10 +568,7 @@ class _Connection:
         transport = self._transport
         while True:
             await self._output_room()  # a client that does not read its replies is not read
-            try:
-                data = await self._stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                data = b""
+            data = await self._receive()
             if not data:
                 transport.close_tail()
                 self._work.set()
@@ -492,16 +585,29 @@ class _Connection:
                 transport.push(data[:capacity])
                 data = data[capacity:]
                 self._handle_events()
-            self._work.set()
+            self._write_now()
+
+    async def _receive(self) -> bytes:
+        """What the client sent next (b"" at its end, or if the connection failed)."""
+        sock = self._sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(65536)
+            except BlockingIOError:  # a spurious wake-up
+                continue
+            except OSError:  # reset by the client: as its end
+                return b""
 
     def _backlog(self) -> int:
         """Bytes made for the client and not yet written to its socket."""
+        c = _cproton()
         buffered = 0
-        session = self._connection.session_head(0)
-        while session is not None:
-            buffered += session.outgoing_bytes  # deliveries proton has not framed yet
-            session = session.next(0)
-        pending: int = self._transport.pending()
+        session = c.pn_session_head(self._connection._impl, 0)
+        while not c.isnull(session):  # through the C API: no wrapper per session and read
+            buffered += c.pn_session_outgoing_bytes(session)  # deliveries not framed yet
+            session = c.pn_session_next(session, 0)
+        pending: int = c.pn_transport_pending(self._transport._impl)
         return self._outbox_bytes + max(pending, 0) + buffered
 
     async def _output_room(self) -> None:
@@ -549,25 +655,76 @@ class _Connection:
             wake = math.inf if not deadline else now + deadline - time.monotonic()
             if outbox:
                 wake = min(wake, outbox[0][0])
+            if wake < self._timer.deadline:  # it fires early at worst: the loop looks again
+                self._timer.deadline = wake
             self._work = trio.Event()
-            if wake == math.inf:  # no heartbeat, time-out or delayed reply due: no timer
+            self._writer_idle = True
+            try:
                 await self._work.wait()
-                continue
-            with trio.move_on_at(wake):
-                await self._work.wait()
+            finally:
+                self._writer_idle = False
+
+    def _write_now(self) -> None:
+        """Have what proton made for the client written: from this task at once if the
+        write loop waits and holds nothing back (it saves a wake-up of the write loop per
+        message), else by the write loop."""
+        if not self._writer_idle or self._outbox or self._emulator._reply_delay:
+            self._work.set()
+            return
+        transport = self._transport
+        deadline = transport.tick(time.monotonic())
+        pending = transport.pending()
+        if pending < 0:  # the transport is done for output: the write loop ends it
+            self._work.set()
+            return
+        if pending:
+            chunk = transport.peek(pending)
+            transport.pop(pending)
+            try:
+                sent = self._sock.send(chunk)
+            except OSError:  # the socket is full (or broken): the write loop waits (or sees)
+                sent = 0
+            self._written += sent
+            if sent < pending:
+                self._outbox.append((trio.current_time(), chunk[sent:]))
+                self._outbox_bytes += pending - sent
+                self._work.set()
+                return
+            self._wake_drained()
+            if transport.pending() < 0:  # that was the last: the write loop ends it
+                self._work.set()
+                return
+        if deadline:  # as the write loop would set its timer
+            wake = trio.current_time() + deadline - time.monotonic()
+            if wake < self._timer.deadline:
+                self._timer.deadline = wake
+
+    async def _timer_task(self) -> None:
+        """Wake the write loop when its timer (`_timer`'s deadline) comes."""
+        while True:
+            with self._timer:
+                await trio.sleep_forever()
+            self._timer = trio.CancelScope()  # no deadline until the write loop sets one
+            self._work.set()
 
     async def _send(self, chunk: bytes) -> bool:
         """Write ``chunk``; False if the client is gone or read nothing for write_timeout."""
         timeout = self._emulator.write_timeout
+        sock = self._sock
         view = memoryview(chunk)
         try:
-            for start in range(0, len(view), WRITE_PIECE):
+            while view:
+                try:
+                    view = view[sock.send(view) :]
+                    continue
+                except BlockingIOError:  # the client's window is full: wait for progress
+                    pass
                 with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-                    await self._stream.send_all(view[start : start + WRITE_PIECE])
+                    await trio.lowlevel.wait_writable(sock)
                 if scope.cancelled_caught:
                     logger.warning("dropping a client that read nothing for %s s", timeout)
                     return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except OSError:  # the client is gone
             return False
         self._written += len(chunk)
         return True
@@ -815,7 +972,7 @@ class _Connection:
                 self._deliver(link, receiving, message, mode)
             if link.drain_mode and len(messages) < batch:  # all there is went out
                 link.drained()
-            self._work.set()
+            self._write_now()
 
     @staticmethod
     async def _available(memlink: Any, count: int) -> list[Any]:
@@ -840,20 +997,21 @@ class _Connection:
         ``state`` is Service Bus's message state: 0 active, 1 deferred, 2 scheduled.
         """
         p = self._p
-        annotations = {
-            "x-opt-sequence-number": message.sequence_number,  # int encodes as long
-            "x-opt-enqueued-time": p.timestamp(message.enqueued_time.timestamp() * 1000),
-        }
+        timestamp = _codec.timestamp
+        annotations = [
+            ("x-opt-sequence-number", _codec.amqp_value(message.sequence_number)),  # a long
+            ("x-opt-enqueued-time", timestamp(int(message.enqueued_time.timestamp() * 1000))),
+        ]
         if message.locked_until is not None:
-            annotations["x-opt-locked-until"] = p.timestamp(message.locked_until.timestamp() * 1000)
+            locked_until = int(message.locked_until.timestamp() * 1000)
+            annotations.append(("x-opt-locked-until", timestamp(locked_until)))
         if message.scheduled_enqueue_time is not None:
-            annotations["x-opt-scheduled-enqueue-time"] = p.timestamp(
-                round(message.scheduled_enqueue_time.timestamp() * 1000)
-            )
+            scheduled = round(message.scheduled_enqueue_time.timestamp() * 1000)
+            annotations.append(("x-opt-scheduled-enqueue-time", timestamp(scheduled)))
         if message.partition_key is not None:
-            annotations["x-opt-partition-key"] = message.partition_key
+            annotations.append(("x-opt-partition-key", _codec.amqp_value(message.partition_key)))
         if state:
-            annotations["x-opt-message-state"] = p.int32(state)
+            annotations.append(("x-opt-message-state", _codec.amqp_value(p.int32(state))))
         content_type = message.content_type
         fields = [message.message_id, None, message.to, message.subject, message.reply_to]
         fields += [message.correlation_id, None if content_type is None else p.symbol(content_type)]
@@ -862,7 +1020,7 @@ class _Connection:
         ttl = message.time_to_live
         return (
             _header(message.delivery_count, None if ttl is None else round(ttl * 1000))
-            + _codec.message_annotations(annotations)
+            + _codec.encoded_annotations(annotations)
             + _codec.properties(fields)  # ..., group-id, group-sequence, reply-to-group-id
             + _codec.application_properties(
                 {k: _to_amqp(v) for k, v in properties.items()} if properties else {}
@@ -887,11 +1045,11 @@ class _Connection:
             # wrappers keep attributes on the native object, so the message rides along.
             delivery.received_message = message
 
-    def _on_settlement(self, delivery: Any, link: Any) -> None:
-        """A client settled a message it received on ``link``: apply it, then echo the
-        outcome (spec §8)."""
+    def _on_settlement(self, delivery: Any, link_name: str) -> None:
+        """A client settled a message it received on link ``link_name``: apply it, then
+        echo the outcome (spec §8)."""
         p = self._p
-        receiving = self._receivers.get(link.name)
+        receiving = self._receivers.get(link_name)
         message = getattr(delivery, "received_message", None)
         if receiving is None or message is None or receiving.link is None:
             if not delivery.link.state & p.Endpoint.LOCAL_CLOSED:
@@ -900,11 +1058,11 @@ class _Connection:
             # state would only confuse pyamqp, which matches it to its own delivery ids
             return
         state = delivery.remote_state
-        remote = delivery.remote
         settlement: Settlement | None
         if state == p.Delivery.ACCEPTED:
             settlement = Complete(message)
         elif state == p.Delivery.REJECTED:
+            remote = delivery.remote
             # The info map carries the reason and description; any other keys (JS puts
             # them there) are properties to modify.
             info = _str_keys((remote.condition.info if remote.condition else None) or {})
@@ -917,6 +1075,7 @@ class _Connection:
                 properties_to_modify=info or None,
             )
         elif state == p.Delivery.MODIFIED:
+            remote = delivery.remote
             # modified's message-annotations are the properties to modify (spec §8.2)
             modify = _str_keys(remote.annotations or {}) or None
             settlement = (
@@ -943,8 +1102,7 @@ class _Connection:
             _accept(delivery)
         else:
             delivery.update(state)
-        delivery.settle()
-        self._work.set()
+        delivery.settle()  # the task handling events has the echo written
 
     def _session_management(
         self, memlink: Any, operation: str, body: dict[Any, Any]
@@ -1071,11 +1229,13 @@ class _Connection:
         link.close()
 
     def _on_delivery(self, delivery: Any) -> None:
-        link = delivery.link
-        if link.is_sender:
+        c = _cproton()
+        link_impl = c.pn_delivery_link(delivery._impl)
+        if c.pn_link_is_sender(link_impl):  # no Link wrapper for each settlement
             if delivery.updated and delivery.remote_state:
-                self._on_settlement(delivery, link)
+                self._on_settlement(delivery, c.pn_link_name(link_impl))
             return
+        link = delivery.link
         if not delivery.readable or delivery.partial:
             return
         data = link.recv(delivery.pending)
@@ -1085,19 +1245,25 @@ class _Connection:
         address = getattr(link, "target_address", None)
         if address is None:
             address = link.target_address = link.target.address
-        message = self._p.Message()
-        message.decode(data)
-        if address == "$cbs":
-            self._on_put_token(link, message)
-            delivery.update(self._p.Delivery.ACCEPTED)
-        elif address.endswith("$management"):
-            self._on_management(link, message)
+        if address == "$cbs" or address.endswith("$management"):
+            request = self._p.Message()
+            request.decode(data)
+            if address == "$cbs":
+                self._on_put_token(link, request)
+            else:
+                self._on_management(link, request)
             delivery.update(self._p.Delivery.ACCEPTED)
         else:
             entity = entity_from_address(address)
+            message: Any
+            try:
+                message = _Decoded(_codec.sections(data))
+            except _codec.Unsupported:
+                message = self._p.Message()
+                message.decode(data)
             messages = [message]
             body = message.body
-            # proton reads a batch's first data section as the body: only then look closer
+            # proton (and _Decoded) read the last data section as the body: only then look closer
             if isinstance(body, bytes | memoryview) and bytes(body[:3]) in _BATCH_BODY_STARTS:
                 messages = self._decode_batch(data) or messages
             try:
@@ -1162,7 +1328,9 @@ class _Connection:
             condition, description, {p.symbol("com.microsoft:tracking-id"): str(uuid.uuid4())}
         )
 
-    def _to_message(self, message: Any) -> Message:
+    @staticmethod
+    def _to_message(message: Any) -> Message:
+        """A decoded incoming message (proton's ``Message`` or a `_Decoded`) for the broker."""
         body = message.body
         if isinstance(body, memoryview):
             body = bytes(body)
