@@ -140,6 +140,7 @@ class SessionActor:
         "_hooks",
         "_idle_scope",
         "_link",
+        "_link_closing",
         "_lock_duration",
         "_lock_lost",
         "_lock_lost_source",
@@ -194,6 +195,7 @@ class SessionActor:
         self._renew_attempt = 0
         self._nursery: trio.Nursery | None = None
         self._context: contextvars.Context | None = None  # the actor task's own
+        self._link_closing = False
         # Made with the service task (see _start_service).
         self._requests_tx: trio.MemorySendChannel[_Request] | None = None
         self._open: dict[str, ReceivedMessage] = {}
@@ -513,6 +515,22 @@ class SessionActor:
                     extra=self._log_extra,
                 )
 
+    def lock_lost_elsewhere(self) -> None:
+        """The broker handed this session to our manager again: this lock is gone.
+
+        Unless this actor is closing its link already: then the broker handed it on after
+        that release, as it should.
+        """
+        if self._link_closing:
+            return
+        self._note_lock_lost(
+            SessionLockLostError(
+                f"the lock of session {self.session_id!r} was lost: the broker gave the "
+                "session to this manager again while its handlers still ran"
+            ),
+            ErrorSource.RENEW_LOCK,
+        )
+
     def _note_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> None:
         """Record the first report of a lost lock and cancel everything under it."""
         if self._lock_lost is None:
@@ -575,6 +593,7 @@ class SessionActor:
             raise
         finally:
             self._close_requests()
+            self._link_closing = True
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:

@@ -32,6 +32,7 @@ from trio_sessions import (
     ServiceBusConnectionError,
     SessionCannotBeLockedError,
     SessionContext,
+    SessionLockLostError,
     SessionManagerOptions,
     open_session_manager,
 )
@@ -319,6 +320,52 @@ async def test_a_partition_keeps_locks_until_they_expire() -> None:
             assert (redelivered.message_id, redelivered.delivery_count) == (message.message_id, 1)
             await again.complete(redelivered)
     assert broker.active_message_count("short") == 0
+
+
+async def test_a_lock_lost_unseen_never_overlaps_in_one_manager(emulator: Emulator) -> None:
+    """The broker takes a lock while its handler runs (no I/O, so the SDK cannot see it)
+    and gives the session to the same manager again: the old handler is cancelled before
+    the new actor starts, so the two never run at once."""
+    calls: list[tuple[int, float, float | None]] = []
+    started = trio.Event()
+    done = trio.Event()
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        calls.append((message.delivery_count, trio.current_time(), None))
+        index = len(calls) - 1
+        try:
+            if message.delivery_count == 0:
+                started.set()
+                await trio.sleep_forever()
+            done.set()
+        finally:
+            count, start, _ = calls[index]
+            calls[index] = (count, start, trio.current_time())
+
+    errors: list[ErrorContext] = []
+
+    async def on_error(context: ErrorContext) -> None:
+        errors.append(context)
+
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, Message("m", session_id="s"))
+        options = SessionManagerOptions(max_concurrent_sessions=2, accept_timeout=1)
+        async with open_session_manager(sb, queue_name=Q, options=options) as manager:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(manager.subscribe, handle, process_error=on_error)
+                )
+                with trio.fail_after(30):
+                    await started.wait()
+                    emulator.broker.expire_session_lock(Q, "s")
+                    await done.wait()
+                manager.stop()
+    (first, second) = calls
+    assert (first[0], second[0]) == (0, 1)
+    assert first[2] is not None
+    assert first[2] <= second[1]  # the first ended before the second began
+    assert any(isinstance(e.error, SessionLockLostError) for e in errors)
+    assert emulator.broker.active_message_count(Q) == 0
 
 
 # ----------------------------------------------------------------------------------- errors
