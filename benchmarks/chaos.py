@@ -447,14 +447,16 @@ the checker computes
   broker (must be 0);
 * **overlaps**: two handler calls of one session at the same time, across processes
   (must be 0). Those that follow a *forced release* are counted apart, with their
-  cause: the orchestrator expired the lock through the broker, or cut every
-  connection, and the emulator released the cut connections' sessions at once, while
-  the old holder's handler still ran, unaware until its next operation or its lock
-  deadline. Service Bus keeps the lock of a client that vanished until the lock
-  expires (a reconnecting client is told the session "may be locked by another
-  receiver", Azure/azure-service-bus#9), and the manager cancels handlers half the
-  renewal margin before that, so on Service Bus these would not overlap. The emulator
-  also ends a connection when an injected broker error escapes a request it serves
+  cause: the orchestrator took the lock away through the broker (`expire_lock`) while
+  the holder's handler ran. The broker detaches the link, but a handler doing no I/O
+  on it cannot see that until its next operation or its lock deadline; if the session
+  goes to another process meanwhile, the two overlap. (When it comes back to the same
+  manager, the manager now cancels the old handler first.) On Service Bus a lock is
+  only lost by time, and the manager cancels handlers half the renewal margin before
+  that. Connection cuts are network partitions here
+  (`drop_connections(keep_locks=True)`): as on Service Bus, the cut client's locks
+  last until they expire, so they force no release. The emulator also ends a
+  connection when an injected broker error escapes a request it serves
   (`connection_failed` below, read from its log), which is a forced release too;
 * **order violations**: the first handler calls of a session's messages out of send
   order (must be 0);
