@@ -1602,3 +1602,36 @@ async def test_stats_snapshot_is_frozen(autojump_clock: trio.testing.MockClock) 
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         after.errors = 5  # type: ignore[misc]
     assert math.isfinite(after.active_sessions)
+
+
+async def test_lock_timers_do_not_keep_ended_actors_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A timer whose actor is gone neither keeps it in memory nor calls it."""
+    import gc
+    import weakref
+
+    from trio_sessions._renewal import LockTimers
+
+    calls: list[str] = []
+
+    class Target:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def lock_timer_due(self) -> None:
+            calls.append(self.name)
+
+    timers = LockTimers()
+    kept, gone = Target("kept"), Target("gone")
+    timers.schedule(kept, 10)
+    timers.schedule(gone, 10)
+    watch = weakref.ref(gone)
+    del gone
+    gc.collect()
+    assert watch() is None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        await trio.sleep(11)
+        timers.finish()
+    assert calls == ["kept"]

@@ -127,6 +127,7 @@ class SessionActor:
     # per-instance wrapper of a method), so that stays possible at no cost otherwise.
     __slots__ = (
         "__dict__",
+        "__weakref__",  # LockTimers holds actors weakly
         "_auto_complete",
         "_buffer",
         "_busy",

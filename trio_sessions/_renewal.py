@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import weakref
 from typing import Protocol
 
 import trio
@@ -48,11 +49,13 @@ class LockTimers:
     (the first command, or this timer) spares every short-lived or quiet session a
     second task (issue #8). The timer task lives in the supervisor nursery and ends when
     `finish` is called (accepting is over and no actor is left) or when it is cancelled.
-    Entries of actors that have ended stay until they are due and then do nothing.
+    Entries hold their actors weakly: an actor that has ended is not kept alive until its
+    timer is due (with many short sessions that would hold tens of thousands), and its
+    entry then does nothing.
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _TimerTarget]] = []
+        self._heap: list[tuple[float, int, weakref.ref[_TimerTarget]]] = []
         self._order = itertools.count()
         self._scope: trio.CancelScope | None = None
         self._finished = False
@@ -61,7 +64,7 @@ class LockTimers:
         """Call ``target.lock_timer_due()`` at Trio-clock time ``when``."""
         if when == math.inf:
             return
-        heapq.heappush(self._heap, (when, next(self._order), target))
+        heapq.heappush(self._heap, (when, next(self._order), weakref.ref(target)))
         if self._scope is not None and when < self._scope.deadline:
             self._scope.deadline = when
 
@@ -81,4 +84,6 @@ class LockTimers:
             self._scope = None
             now = trio.current_time()
             while heap and heap[0][0] <= now:
-                heapq.heappop(heap)[2].lock_timer_due()
+                target = heapq.heappop(heap)[2]()
+                if target is not None:
+                    target.lock_timer_due()
