@@ -368,6 +368,21 @@ async def test_a_lock_lost_unseen_never_overlaps_in_one_manager(emulator: Emulat
     assert emulator.broker.active_message_count(Q) == 0
 
 
+async def test_a_transient_broker_error_is_an_error_reply(emulator: Emulator) -> None:
+    """A transient failure in a $management request (here an injected one) reaches the
+    caller as ServiceBusConnectionError; the connection and the session lock stay."""
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, Message("x", session_id="s"))
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        connections = emulator.connections
+        emulator.broker.fail_next("renew_lock", ServiceBusConnectionError)
+        with pytest.raises(ServiceBusConnectionError):
+            await link.renew_lock()
+        assert await link.renew_lock() > trio.current_time()
+        assert emulator.connections == connections
+        assert emulator.broker.locked_sessions(Q) == ["s"]
+
+
 # ----------------------------------------------------------------------------------- errors
 
 

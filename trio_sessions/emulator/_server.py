@@ -39,6 +39,7 @@ from .._errors import (
     MessageNotFoundError,
     MessageSizeExceededError,
     OperationTimeoutError,
+    ServiceBusConnectionError,
     SessionCannotBeLockedError,
     SessionLockLostError,
     SessionsNotEnabledError,
@@ -1435,6 +1436,11 @@ class _Connection:
             status, condition, description = 404, "amqp:not-found", str(exc)
         except (MessageAlreadySettledError, MessageLockLostError) as exc:
             status, condition, description = 410, "com.microsoft:message-lock-lost", str(exc)
+        except (ServiceBusConnectionError, OperationTimeoutError) as exc:
+            # A transient broker failure (fault injection: MemoryBroker.fail_next) is an
+            # error reply, as Service Bus sends one; it must not end the client's
+            # connection, which would release its sessions while their handlers run.
+            status, condition, description = 503, "com.microsoft:server-busy", str(exc)
         except (KeyError, ValueError, TypeError) as exc:
             status, condition = 400, "amqp:invalid-field"
             description = f"bad {operation!r} request: {exc!r}"
