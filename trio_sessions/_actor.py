@@ -7,7 +7,7 @@
                 └─ lock scope (deadline = lock expiry)
                     └─ grace scope (deadline = end of the shutdown grace)
                         ├─ max_concurrent_calls_per_session == 1: the actor task itself
-                        │  receives (idle scope around the wait only) and runs the handler
+                        │  receives (idle deadline on the wait only) and runs the handler
                         └─ otherwise: the actor task pumps into a memory channel read by
                            that many long-lived worker tasks
 
@@ -24,7 +24,7 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import attrs
 import trio
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from ._otel import Telemetry
     from ._stats import Counters
-    from .backends._abc import SessionLink
+    from .backends._abc import SessionLink, SettleAndReceive
 
 __all__ = ["ActorHooks", "SessionActor"]
 
@@ -132,8 +132,10 @@ class SessionActor:
         "_buffer",
         "_busy",
         "_close_reason",
+        "_combined",
         "_context",
         "_current",
+        "_defer_settle",
         "_draining",
         "_give_up_renewing_at",
         "_grace_deadline",
@@ -152,11 +154,13 @@ class SessionActor:
         "_open",
         "_options",
         "_peek_lock",
+        "_pending",
         "_receive_attempt",
         "_receive_scope",
         "_renew_attempt",
         "_requests_tx",
         "_settle_batch",
+        "_settle_failure",
         "_settle_inline",
         "_timer_at",
         "_timer_renews",
@@ -221,6 +225,16 @@ class SessionActor:
             self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
             self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
             self._settle_batch = telemetry.traced_settle(link.settle)
+        # Where the link can settle and receive in one call, the inline loop carries each
+        # auto-settlement on the next receive (issue #8: one checkpoint, or one bridge
+        # crossing, per message instead of two). Not with telemetry: its settle spans
+        # wrap `settle` calls.
+        # The same call takes the idle deadline, which then costs nothing when a message
+        # is ready (moving a cancel scope's deadline twice per message cost 3 us).
+        self._combined = self._settle_inline and hasattr(link, "settle_and_receive")
+        self._defer_settle = self._combined and self._auto_complete and telemetry is None
+        self._pending: Settlement | None = None  # the auto-settlement the next receive carries
+        self._settle_failure: tuple[BaseException, Settlement] | None = None
 
     # -- SessionPort (what the context calls) ---------------------------------------------
 
@@ -567,6 +581,13 @@ class SessionActor:
                             await self._work()
                     if self._grace_scope.cancelled_caught and not self._draining:
                         self._close_reason = "idle"  # the inline loop's idle clock fired
+                    if self._settle_failure is not None:
+                        # A settlement carried by a receive failed (see _on_settled).
+                        error, settlement = self._settle_failure
+                        self._settle_failure = None
+                        await hooks.report(
+                            error, _settle_source(settlement), self.session_id, False
+                        )
                     await self._give_back(self._buffer[::-1])
                     self._buffer.clear()
                     await self._call_closing()
@@ -665,16 +686,22 @@ class SessionActor:
             await self._run_inline()
         else:
             await self._run_concurrent()
+        pending = self._pending
+        if pending is not None:  # no receive came to carry it
+            self._pending = None
+            await self._settle_auto(pending)
 
     async def _run_inline(self) -> None:
         """Receive and handle one message at a time, in this task.
 
-        The grace scope around this loop doubles as the idle clock of every wait (issue
-        #8: a scope per message was a main cost, and each live scope costs memory):
-        `_receive_within` moves its deadline to the idle deadline around each wait and
-        back to the grace deadline, so handler time never counts as idle. When either
-        fires, the work ends the same way: out of the grace scope, to give back and close.
-        This loop is `_next_message` unrolled: each coroutine layer costs per message.
+        No cancel scope per message (issue #8: a scope per message was a main cost, and
+        each live scope costs memory). Where the link has `settle_and_receive`, each
+        wait takes the idle deadline as an argument, and carries the auto-settlement of
+        the message handled before it. Otherwise the grace scope around this loop
+        doubles as the idle clock: `_receive_within` moves its deadline to the idle
+        deadline around each wait and back to the grace deadline, so handler time never
+        counts as idle. This loop is `_next_message` unrolled: each coroutine layer costs
+        per message.
         """
         grace = self._idle_scope = self._grace_scope
         max_count = 1 + self._options.prefetch_count
@@ -737,10 +764,23 @@ class SessionActor:
         """
         while not self._draining:
             timeout = self._options.session_idle_timeout if idle else math.inf
-            scope.deadline = min(trio.current_time() + timeout, self._grace_deadline)
             self._receive_scope = scope
             try:
-                batch = await self._link.receive(max_count)
+                if self._combined:
+                    pending = self._pending
+                    link = cast("SettleAndReceive", self._link)
+                    batch = await link.settle_and_receive(
+                        () if pending is None else (pending,),
+                        self._on_settled,
+                        max_count,
+                        trio.current_time() + timeout,
+                    )
+                else:
+                    scope.deadline = min(trio.current_time() + timeout, self._grace_deadline)
+                    try:
+                        batch = await self._link.receive(max_count)
+                    finally:
+                        scope.deadline = self._grace_deadline
             except SessionLockLostError as exc:
                 await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
             except TRANSIENT_ERRORS as exc:
@@ -755,8 +795,11 @@ class SessionActor:
                 return None
             finally:
                 self._receive_scope = None
-                scope.deadline = self._grace_deadline
             self._receive_attempt = 0
+            if not batch:  # the idle deadline passed (the combined call)
+                if not self._draining:
+                    self._close_reason = "idle"
+                return None
             self._received(batch)
             return batch
         return None
@@ -777,12 +820,39 @@ class SessionActor:
     # -- handling ------------------------------------------------------------------------------
 
     async def _auto_settle(self, message: ReceivedMessage, settlement: Settlement) -> None:
-        """Settle a message handed to user code, unless user code settled it."""
+        """Settle a message handed to user code, unless user code settled it.
+
+        With nothing buffered, where the link allows, the settlement is left for the next
+        receive to carry (`_defer_settle`); `_work` settles it if no receive comes.
+        """
         if not self._auto_complete or self._lock_lost is not None:
             return
         token = message.lock_token or ""
         if self._open.pop(token, None) is None:
             return
+        if self._defer_settle and not self._buffer and not self._draining:
+            self._pending = settlement
+            return
+        await self._settle_auto(settlement)
+
+    def _on_settled(self, results: list[BaseException | None]) -> None:
+        """The carried settlement is done (called by the link, before its wait)."""
+        settlement = self._pending
+        if settlement is None:  # the call carried none
+            return
+        self._pending = None
+        settlements = [settlement]
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log_settled(settlements, results)
+        self._count_settled(settlements, results)  # notes a lost lock: cancels the wait
+        (error,) = results
+        if error is not None and not isinstance(error, SessionLockLostError):
+            # As in _settle_auto: no later message may run before this one. Reported
+            # once the wait has ended (run), since this is not an async context.
+            self._settle_failure = (error, settlement)
+            self.release("settlement failed")
+
+    async def _settle_auto(self, settlement: Settlement) -> None:
         error: BaseException | None
         if self._settle_inline:
             # The task that receives settles too: no command, no hop to the service task,

@@ -1076,16 +1076,22 @@ class MemorySessionLink(SingleSettlements):
     async def receive(self, max_count: int) -> list[ReceivedMessage]:
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
+        return await self._receive_until(max_count, math.inf)
+
+    async def _receive_until(self, max_count: int, deadline: float) -> list[ReceivedMessage]:
         await trio.lowlevel.checkpoint()
         session = self._session
         while True:
             self._broker._inject("receive")
             self._check()
             self._broker._activate_scheduled(self._entity)
-            self._broker._purge_expired(self._entity, session, trio.current_time())
+            now = trio.current_time()
+            self._broker._purge_expired(self._entity, session, now)
             if session.available:
                 return self._take(max_count)
-            with trio.move_on_at(min(session.locked_until, self._entity.next_due())):
+            if now >= deadline:
+                return []
+            with trio.move_on_at(min(session.locked_until, self._entity.next_due(), deadline)):
                 await session.arrived.wait()
 
     def _receive_now(self, max_count: int) -> list[ReceivedMessage]:
@@ -1148,6 +1154,27 @@ class MemorySessionLink(SingleSettlements):
 
     async def settle(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         await trio.lowlevel.checkpoint()
+        return self._settle_now(settlements)
+
+    async def settle_and_receive(
+        self,
+        settlements: Sequence[Settlement],
+        on_settled: Callable[[list[BaseException | None]], None],
+        max_count: int,
+        deadline: float = math.inf,
+    ) -> list[ReceivedMessage]:
+        """`settle`, then `receive` until ``deadline``, with one checkpoint (see
+        `SettleAndReceive`).
+
+        The settlements are applied before the first checkpoint, so a cancellation can
+        only arrive after them.
+        """
+        if max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        on_settled(self._settle_now(settlements))
+        return await self._receive_until(max_count, deadline)
+
+    def _settle_now(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         results: list[BaseException | None] = []
         for settlement in settlements:
             try:
