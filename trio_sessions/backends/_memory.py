@@ -165,6 +165,56 @@ class _Record:
     dead_letter_error_description: str | None = None
 
 
+class _Signal:
+    """Wakes the tasks waiting on it now (an `Event` that resets itself at once).
+
+    One lives as long as its session or entity: a wake-up costs nothing when no task
+    waits, and no new `trio.Event` (and its set of tasks) is made per wake-up, as each
+    lock release and each message for a held session did before. A session's signal
+    has one waiter at most (its holder's receive), kept without a set.
+    """
+
+    __slots__ = ("_more", "_one")
+
+    def __init__(self) -> None:
+        self._one: trio.lowlevel.Task | None = None
+        self._more: set[trio.lowlevel.Task] | None = None
+
+    async def wait(self) -> None:
+        """Wait until the next `set` (a checkpoint, cancellable as ever)."""
+        task = trio.lowlevel.current_task()
+        if self._one is None:
+            self._one = task
+        else:
+            if self._more is None:
+                self._more = set()
+            self._more.add(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._one is task:
+                self._one = None
+            elif self._more is not None:
+                self._more.discard(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def set(self) -> None:
+        """Wake every task waiting now; later waits wait for the next `set`."""
+        one, more = self._one, self._more
+        if one is not None:
+            self._one = None
+            trio.lowlevel.reschedule(one)
+        if more:
+            self._more = None
+            for task in more:
+                trio.lowlevel.reschedule(task)
+
+    def waiting(self) -> int:
+        """How many tasks wait now."""
+        return (self._one is not None) + len(self._more or ())
+
+
 @attrs.define(eq=False)
 class _Session:
     session_id: str
@@ -174,11 +224,10 @@ class _Session:
     state: bytes | None = None
     link: MemorySessionLink | None = None
     locked_until: float = -math.inf
-    arrived: trio.Event = attrs.field(factory=trio.Event)
+    arrived: _Signal = attrs.field(factory=_Signal)
 
     def wake_receiver(self) -> None:
         self.arrived.set()
-        self.arrived = trio.Event()
 
     def is_empty(self) -> bool:
         return not (self.available or self.deferred or self.locked or self.state is not None)
@@ -196,7 +245,7 @@ class _Entity:
     sessions: dict[str, _Session] = attrs.field(factory=dict)
     ready: list[tuple[int, str]] = attrs.field(factory=list)
     lock_deadlines: list[tuple[float, int, str]] = attrs.field(factory=list)
-    changed: trio.Event = attrs.field(factory=trio.Event)
+    changed: _Signal = attrs.field(factory=_Signal)
     dead_letters: list[_Record] = attrs.field(factory=list)
     expired: list[_Record] = attrs.field(factory=list)
     completed: list[_Record] = attrs.field(factory=list)
@@ -215,7 +264,6 @@ class _Entity:
     def notify(self) -> None:
         """Wake every waiting accept: a session may have become available."""
         self.changed.set()
-        self.changed = trio.Event()
 
 
 @attrs.define(eq=False)
