@@ -307,7 +307,11 @@ class MemoryBroker:
         self._topics: dict[str, _Topic] = {}
         self._entities: dict[str, _Entity] = {}
         self._utc_offset: float | None = None
-        self._tokens = itertools.count(random.getrandbits(96) << 32)
+        # Lock tokens: a random 80-bit prefix per broker, then a 48-bit counter (from a
+        # random start), in the canonical form of a UUID: see `_new_token`.
+        prefix = f"{random.getrandbits(80):020x}"
+        self._token_prefix = f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-{prefix[16:]}-"
+        self._tokens = itertools.count(random.getrandbits(47))
         self._lock_ids = itertools.count()
         self._faults: dict[str, deque[BaseException]] = {}
 
@@ -575,6 +579,8 @@ class MemoryBroker:
     def _activate_scheduled(self, entity: _Entity) -> None:
         """Enqueue the scheduled messages that are due (lazily, like expiry)."""
         heap = entity.scheduled_due
+        if not heap:
+            return
         now = trio.current_time()
         while heap and heap[0][0] <= now:
             _, seq = heapq.heappop(heap)
@@ -759,10 +765,11 @@ class MemoryBroker:
         if lost:
             link._lose()
         session.locked_until = -math.inf
-        locked = sorted(session.locked.values(), key=lambda record: record.sequence_number)
-        session.locked.clear()
-        for record in locked:
-            self._return(entity, session, record)
+        if session.locked:
+            locked = sorted(session.locked.values(), key=lambda record: record.sequence_number)
+            session.locked.clear()
+            for record in locked:
+                self._return(entity, session, record)
         session.wake_receiver()
         if session.available:
             heapq.heappush(entity.ready, (session.available[0][0], session.session_id))
@@ -887,10 +894,11 @@ class MemoryBroker:
         )
 
     def _new_token(self) -> str:
-        # str(uuid.UUID(int=...)), formatted directly: building a UUID object for every
-        # received message was a measurable part of a receive (issue #8).
-        h = f"{next(self._tokens) & ((1 << 128) - 1):032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        # A UUID's canonical text (as str(uuid.UUID(...)) gives it, which the emulator
+        # round-trips), made with one format of the counter: building a UUID object, or
+        # formatting and slicing all 128 bits, per received message was a measurable part
+        # of a receive (issue #8). Unique for 2**48 receipts of one broker.
+        return f"{self._token_prefix}{next(self._tokens) & 0xFFFF_FFFF_FFFF:012x}"
 
     # -- fault injection -----------------------------------------------------------------
 
