@@ -656,12 +656,13 @@ class MemoryBroker:
             return self._lock(target, session, receive_mode)
         deadline = math.inf if max_wait_time is None else trio.current_time() + max_wait_time
         while True:
-            self._expire_locks(target)
+            now = trio.current_time()
+            self._expire_locks(target, now)
             self._activate_scheduled(target)
-            session = self._pop_ready(target)
+            session = self._pop_ready(target, now)
             if session is not None:
-                return self._lock(target, session, receive_mode)
-            if trio.current_time() >= deadline:
+                return self._lock(target, session, receive_mode, now)
+            if now >= deadline:
                 raise OperationTimeoutError(
                     f"no session of {target.path!r} had a message ready within "
                     f"{max_wait_time} seconds"
@@ -711,8 +712,7 @@ class MemoryBroker:
             self._unlock_record(session, record)
         entity.notify()
 
-    def _pop_ready(self, entity: _Entity) -> _Session | None:
-        now = trio.current_time()
+    def _pop_ready(self, entity: _Entity, now: float) -> _Session | None:
         while entity.ready:
             seq, key = entity.ready[0]
             session = entity.sessions.get(key)
@@ -733,19 +733,26 @@ class MemoryBroker:
         return None
 
     def _lock(
-        self, entity: _Entity, session: _Session, receive_mode: ReceiveMode
+        self,
+        entity: _Entity,
+        session: _Session,
+        receive_mode: ReceiveMode,
+        now: float | None = None,
     ) -> MemorySessionLink:
         link = MemorySessionLink(self, entity, session, receive_mode)
         session.link = link
-        self._set_lock_deadline(entity, session, trio.current_time() + entity.lock_duration)
+        if now is None:
+            now = trio.current_time()
+        self._set_lock_deadline(entity, session, now + entity.lock_duration)
         return link
 
     def _set_lock_deadline(self, entity: _Entity, session: _Session, deadline: float) -> None:
         session.locked_until = deadline
         heapq.heappush(entity.lock_deadlines, (deadline, next(self._lock_ids), session.session_id))
 
-    def _expire_locks(self, entity: _Entity) -> None:
-        now = trio.current_time()
+    def _expire_locks(self, entity: _Entity, now: float | None = None) -> None:
+        if now is None:
+            now = trio.current_time()
         heap = entity.lock_deadlines
         while heap and heap[0][0] <= now:
             deadline, _, key = heapq.heappop(heap)
@@ -863,7 +870,7 @@ class MemoryBroker:
         self, record: _Record, locked_until: float | None, *, peek: bool = False
     ) -> ReceivedMessage:
         message = record.message
-        properties = dict(message.application_properties or {})
+        properties = dict(message.application_properties) if message.application_properties else {}
         if record.dead_letter_reason is not None:
             properties["DeadLetterReason"] = record.dead_letter_reason
         if record.dead_letter_error_description is not None:
