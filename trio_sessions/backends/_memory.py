@@ -256,6 +256,9 @@ class _Entity:
     # (due time, sequence number); cancelled ones leave stale heap entries behind.
     scheduled: dict[int, _Record] = attrs.field(factory=dict)
     scheduled_due: list[tuple[float, int]] = attrs.field(factory=list)
+    # Whether any message stored here ever had a time to live: if none did, inspection
+    # need not look through every session for expired messages.
+    may_expire: bool = False
 
     def next_due(self) -> float:
         """When the next scheduled message is due (Trio clock), or infinity."""
@@ -564,6 +567,8 @@ class MemoryBroker:
             enqueued_at=enqueue_at,
             expires_at=enqueue_at + ttl if ttl else math.inf,
         )
+        if ttl:
+            entity.may_expire = True
         if enqueue_at > now:
             entity.scheduled[seq] = record
             heapq.heappush(entity.scheduled_due, (enqueue_at, seq))
@@ -958,6 +963,8 @@ class MemoryBroker:
         self._expire_locks(entity)
         self._expire_message_locks(entity)
         self._activate_scheduled(entity)
+        if not entity.may_expire:
+            return
         now = trio.current_time()
         for session in list(entity.sessions.values()):
             if session.available and session.available[0][1].expires_at <= now:
