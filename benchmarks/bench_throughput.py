@@ -22,6 +22,7 @@ import math
 import time
 from typing import Any
 
+import _scenarios
 from _common import Timing, best, goal, parse_args, progress, write_results
 from _scenarios import PREFETCH, SCENARIOS
 
@@ -56,13 +57,16 @@ def main() -> None:
             messages = sessions * per_session
             tries = max(args.repeat, math.ceil(min_messages / messages))
             timings: dict[str, list[Timing]] = {name: [] for name in SCENARIOS}
+            collected: dict[str, list[dict[str, Any]]] = {name: [] for name in SCENARIOS}
             # Interleaved, so that a noisy moment hurts every scenario alike.
             for _ in range(tries):
                 for name, run in SCENARIOS.items():
                     timings[name].append(run(sessions, per_session))
+                    collected[name].append(dict(_scenarios.LAST_GC))
             for name in SCENARIOS:
                 fastest = best(timings[name])
                 leanest = min(timings[name], key=lambda t: t.cpu)
+                gc_work = collected[name][timings[name].index(leanest)]
                 rows[name][str(sessions)] = {
                     "sessions": sessions,
                     "per_session": per_session,
@@ -72,11 +76,15 @@ def main() -> None:
                     "cpu_us_per_message": leanest.cpu / messages * 1e6,
                     "messages_per_s": messages / fastest.wall,
                     "wall_s": fastest.wall,
+                    # Diagnostic, of the leanest measurement: the collector's share.
+                    "gc_collections": gc_work["collections"],
+                    "gc_cpu_us_per_message": gc_work["cpu_s"] / messages * 1e6,
                 }
             progress(
                 f"{series_name} S={sessions} M={per_session}: "
                 + ", ".join(
                     f"{name} {rows[name][str(sessions)]['messages_per_cpu_s']:,.0f}/CPU-s"
+                    f" (gc {rows[name][str(sessions)]['gc_cpu_us_per_message']:.1f} µs/msg)"
                     for name in SCENARIOS
                 )
             )

@@ -165,6 +165,56 @@ class _Record:
     dead_letter_error_description: str | None = None
 
 
+class _Signal:
+    """Wakes the tasks waiting on it now (an `Event` that resets itself at once).
+
+    One lives as long as its session or entity: a wake-up costs nothing when no task
+    waits, and no new `trio.Event` (and its set of tasks) is made per wake-up, as each
+    lock release and each message for a held session did before. A session's signal
+    has one waiter at most (its holder's receive), kept without a set.
+    """
+
+    __slots__ = ("_more", "_one")
+
+    def __init__(self) -> None:
+        self._one: trio.lowlevel.Task | None = None
+        self._more: set[trio.lowlevel.Task] | None = None
+
+    async def wait(self) -> None:
+        """Wait until the next `set` (a checkpoint, cancellable as ever)."""
+        task = trio.lowlevel.current_task()
+        if self._one is None:
+            self._one = task
+        else:
+            if self._more is None:
+                self._more = set()
+            self._more.add(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._one is task:
+                self._one = None
+            elif self._more is not None:
+                self._more.discard(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def set(self) -> None:
+        """Wake every task waiting now; later waits wait for the next `set`."""
+        one, more = self._one, self._more
+        if one is not None:
+            self._one = None
+            trio.lowlevel.reschedule(one)
+        if more:
+            self._more = None
+            for task in more:
+                trio.lowlevel.reschedule(task)
+
+    def waiting(self) -> int:
+        """How many tasks wait now."""
+        return (self._one is not None) + len(self._more or ())
+
+
 @attrs.define(eq=False)
 class _Session:
     session_id: str
@@ -174,11 +224,10 @@ class _Session:
     state: bytes | None = None
     link: MemorySessionLink | None = None
     locked_until: float = -math.inf
-    arrived: trio.Event = attrs.field(factory=trio.Event)
+    arrived: _Signal = attrs.field(factory=_Signal)
 
     def wake_receiver(self) -> None:
         self.arrived.set()
-        self.arrived = trio.Event()
 
     def is_empty(self) -> bool:
         return not (self.available or self.deferred or self.locked or self.state is not None)
@@ -196,7 +245,7 @@ class _Entity:
     sessions: dict[str, _Session] = attrs.field(factory=dict)
     ready: list[tuple[int, str]] = attrs.field(factory=list)
     lock_deadlines: list[tuple[float, int, str]] = attrs.field(factory=list)
-    changed: trio.Event = attrs.field(factory=trio.Event)
+    changed: _Signal = attrs.field(factory=_Signal)
     dead_letters: list[_Record] = attrs.field(factory=list)
     expired: list[_Record] = attrs.field(factory=list)
     completed: list[_Record] = attrs.field(factory=list)
@@ -207,6 +256,9 @@ class _Entity:
     # (due time, sequence number); cancelled ones leave stale heap entries behind.
     scheduled: dict[int, _Record] = attrs.field(factory=dict)
     scheduled_due: list[tuple[float, int]] = attrs.field(factory=list)
+    # Whether any message stored here ever had a time to live: if none did, inspection
+    # need not look through every session for expired messages.
+    may_expire: bool = False
 
     def next_due(self) -> float:
         """When the next scheduled message is due (Trio clock), or infinity."""
@@ -215,7 +267,6 @@ class _Entity:
     def notify(self) -> None:
         """Wake every waiting accept: a session may have become available."""
         self.changed.set()
-        self.changed = trio.Event()
 
 
 @attrs.define(eq=False)
@@ -259,7 +310,11 @@ class MemoryBroker:
         self._topics: dict[str, _Topic] = {}
         self._entities: dict[str, _Entity] = {}
         self._utc_offset: float | None = None
-        self._tokens = itertools.count(random.getrandbits(96) << 32)
+        # Lock tokens: a random 80-bit prefix per broker, then a 48-bit counter (from a
+        # random start), in the canonical form of a UUID: see `_new_token`.
+        prefix = f"{random.getrandbits(80):020x}"
+        self._token_prefix = f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-{prefix[16:]}-"
+        self._tokens = itertools.count(random.getrandbits(47))
         self._lock_ids = itertools.count()
         self._faults: dict[str, deque[BaseException]] = {}
 
@@ -512,6 +567,8 @@ class MemoryBroker:
             enqueued_at=enqueue_at,
             expires_at=enqueue_at + ttl if ttl else math.inf,
         )
+        if ttl:
+            entity.may_expire = True
         if enqueue_at > now:
             entity.scheduled[seq] = record
             heapq.heappush(entity.scheduled_due, (enqueue_at, seq))
@@ -527,6 +584,8 @@ class MemoryBroker:
     def _activate_scheduled(self, entity: _Entity) -> None:
         """Enqueue the scheduled messages that are due (lazily, like expiry)."""
         heap = entity.scheduled_due
+        if not heap:
+            return
         now = trio.current_time()
         while heap and heap[0][0] <= now:
             _, seq = heapq.heappop(heap)
@@ -602,12 +661,13 @@ class MemoryBroker:
             return self._lock(target, session, receive_mode)
         deadline = math.inf if max_wait_time is None else trio.current_time() + max_wait_time
         while True:
-            self._expire_locks(target)
+            now = trio.current_time()
+            self._expire_locks(target, now)
             self._activate_scheduled(target)
-            session = self._pop_ready(target)
+            session = self._pop_ready(target, now)
             if session is not None:
-                return self._lock(target, session, receive_mode)
-            if trio.current_time() >= deadline:
+                return self._lock(target, session, receive_mode, now)
+            if now >= deadline:
                 raise OperationTimeoutError(
                     f"no session of {target.path!r} had a message ready within "
                     f"{max_wait_time} seconds"
@@ -657,8 +717,7 @@ class MemoryBroker:
             self._unlock_record(session, record)
         entity.notify()
 
-    def _pop_ready(self, entity: _Entity) -> _Session | None:
-        now = trio.current_time()
+    def _pop_ready(self, entity: _Entity, now: float) -> _Session | None:
         while entity.ready:
             seq, key = entity.ready[0]
             session = entity.sessions.get(key)
@@ -679,19 +738,26 @@ class MemoryBroker:
         return None
 
     def _lock(
-        self, entity: _Entity, session: _Session, receive_mode: ReceiveMode
+        self,
+        entity: _Entity,
+        session: _Session,
+        receive_mode: ReceiveMode,
+        now: float | None = None,
     ) -> MemorySessionLink:
         link = MemorySessionLink(self, entity, session, receive_mode)
         session.link = link
-        self._set_lock_deadline(entity, session, trio.current_time() + entity.lock_duration)
+        if now is None:
+            now = trio.current_time()
+        self._set_lock_deadline(entity, session, now + entity.lock_duration)
         return link
 
     def _set_lock_deadline(self, entity: _Entity, session: _Session, deadline: float) -> None:
         session.locked_until = deadline
         heapq.heappush(entity.lock_deadlines, (deadline, next(self._lock_ids), session.session_id))
 
-    def _expire_locks(self, entity: _Entity) -> None:
-        now = trio.current_time()
+    def _expire_locks(self, entity: _Entity, now: float | None = None) -> None:
+        if now is None:
+            now = trio.current_time()
         heap = entity.lock_deadlines
         while heap and heap[0][0] <= now:
             deadline, _, key = heapq.heappop(heap)
@@ -711,10 +777,11 @@ class MemoryBroker:
         if lost:
             link._lose()
         session.locked_until = -math.inf
-        locked = sorted(session.locked.values(), key=lambda record: record.sequence_number)
-        session.locked.clear()
-        for record in locked:
-            self._return(entity, session, record)
+        if session.locked:
+            locked = sorted(session.locked.values(), key=lambda record: record.sequence_number)
+            session.locked.clear()
+            for record in locked:
+                self._return(entity, session, record)
         session.wake_receiver()
         if session.available:
             heapq.heappush(entity.ready, (session.available[0][0], session.session_id))
@@ -808,7 +875,7 @@ class MemoryBroker:
         self, record: _Record, locked_until: float | None, *, peek: bool = False
     ) -> ReceivedMessage:
         message = record.message
-        properties = dict(message.application_properties or {})
+        properties = dict(message.application_properties) if message.application_properties else {}
         if record.dead_letter_reason is not None:
             properties["DeadLetterReason"] = record.dead_letter_reason
         if record.dead_letter_error_description is not None:
@@ -839,10 +906,11 @@ class MemoryBroker:
         )
 
     def _new_token(self) -> str:
-        # str(uuid.UUID(int=...)), formatted directly: building a UUID object for every
-        # received message was a measurable part of a receive (issue #8).
-        h = f"{next(self._tokens) & ((1 << 128) - 1):032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        # A UUID's canonical text (as str(uuid.UUID(...)) gives it, which the emulator
+        # round-trips), made with one format of the counter: building a UUID object, or
+        # formatting and slicing all 128 bits, per received message was a measurable part
+        # of a receive (issue #8). Unique for 2**48 receipts of one broker.
+        return f"{self._token_prefix}{next(self._tokens) & 0xFFFF_FFFF_FFFF:012x}"
 
     # -- fault injection -----------------------------------------------------------------
 
@@ -895,6 +963,8 @@ class MemoryBroker:
         self._expire_locks(entity)
         self._expire_message_locks(entity)
         self._activate_scheduled(entity)
+        if not entity.may_expire:
+            return
         now = trio.current_time()
         for session in list(entity.sessions.values()):
             if session.available and session.available[0][1].expires_at <= now:
