@@ -2,9 +2,9 @@
 
 ::
 
-    actor task ─┬─ service task: executes commands (settlements in batches, state,
-                │  deferred receives, renewals) and the lock timer
-                └─ lock scope (deadline = lock expiry)
+    service task (in the supervisor nursery, started when first needed): executes
+      commands (settlements in batches, state, deferred receives, renewals), lock timer
+    actor task ── lock scope (deadline = lock expiry)
                     └─ grace scope (deadline = end of the shutdown grace)
                         ├─ max_concurrent_calls_per_session == 1: the actor task itself
                         │  receives (idle scope around the wait only) and runs the handler
@@ -156,6 +156,8 @@ class SessionActor:
         "_receive_scope",
         "_renew_attempt",
         "_requests_tx",
+        "_service_done",
+        "_service_scope",
         "_settle_batch",
         "_settle_inline",
         "_timer_at",
@@ -199,6 +201,8 @@ class SessionActor:
         self._link_closing = False
         # Made with the service task (see _start_service).
         self._requests_tx: trio.MemorySendChannel[_Request] | None = None
+        self._service_scope: trio.CancelScope | None = None
+        self._service_done: trio.Event | None = None
         self._open: dict[str, ReceivedMessage] = {}
         # Received but not yet handed out, last first (a list: an empty deque costs 600 B).
         self._buffer: list[ReceivedMessage] = []
@@ -331,6 +335,8 @@ class SessionActor:
         options = self._options
         capacity = options.max_concurrent_calls_per_session + options.prefetch_count
         self._requests_tx, receive = trio.open_memory_channel[_Request](capacity + 64)
+        self._service_scope = trio.CancelScope()
+        self._service_done = trio.Event()
         # In the actor's own context, not that of the handler whose command started it:
         # a task copies its spawner's context vars (an OpenTelemetry span, for one).
         assert self._context is not None
@@ -363,25 +369,37 @@ class SessionActor:
         return request.result
 
     async def _service(self, receive: trio.MemoryReceiveChannel[_Request]) -> None:
-        """Execute commands in arrival order, batching settlements; run the lock timer."""
-        async with receive:
-            while True:
-                request = None
-                with trio.move_on_at(self._timer_at):
-                    try:
-                        request = await receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                if request is None:
-                    await self._on_lock_timer()
-                    continue
-                batch = [request]
-                while len(batch) < 256:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._execute(batch)
+        """Execute commands in arrival order, batching settlements; run the lock timer.
+
+        It runs in the manager's supervisor nursery, beside its actor (issue #8: a nursery
+        of the actor's own cost 1.1 KiB per idle session); the actor waits for it to end
+        before it closes the link, and cancels it when it ends by an exception.
+        """
+        scope, done = self._service_scope, self._service_done
+        assert scope is not None
+        assert done is not None
+        try:
+            with scope:
+                async with receive:
+                    while True:
+                        request = None
+                        with trio.move_on_at(self._timer_at):
+                            try:
+                                request = await receive.receive()
+                            except trio.EndOfChannel:
+                                return
+                        if request is None:
+                            await self._on_lock_timer()
+                            continue
+                        batch = [request]
+                        while len(batch) < 256:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        await self._execute(batch)
+        finally:
+            done.set()
 
     async def _execute(self, batch: list[_Request]) -> None:
         i = 0
@@ -546,46 +564,49 @@ class SessionActor:
 
     # -- life cycle --------------------------------------------------------------------------
 
-    async def run(self, on_exit: Callable[[SessionActor], None]) -> None:
-        """Run the session until it is idle, released, stopped or its lock is lost."""
+    async def run(self, on_exit: Callable[[SessionActor], None], nursery: trio.Nursery) -> None:
+        """Run the session until it is idle, released, stopped or its lock is lost.
+
+        ``nursery`` (the manager's supervisor) is where the service task is started, when
+        one is needed: the actor has no nursery of its own (issue #8).
+        """
         hooks = self._hooks
         logger.info(
             "session %s of %s accepted", self.session_id, hooks.entity_path, extra=self._log_extra
         )
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._context = contextvars.copy_context()
-                schedule = hooks.schedule_lock_timer
-                if schedule is None:
-                    self._start_service()
-                else:
-                    schedule(self, self._timer_at)
-                with self._lock_scope:
-                    with self._grace_scope:
-                        if await self._initialize():
-                            await self._work()
-                    if self._grace_scope.cancelled_caught and not self._draining:
-                        self._close_reason = "idle"  # the inline loop's idle clock fired
-                    await self._give_back(self._buffer[::-1])
-                    self._buffer.clear()
-                    await self._call_closing()
-                if self._lock_scope.cancelled_caught and self._lock_lost is None:
-                    self._lock_lost = SessionLockLostError(
-                        f"the lock of session {self.session_id!r} expired while handlers ran"
-                    )
-                    self._lock_lost_source = ErrorSource.RENEW_LOCK
-                if self._lock_lost is not None:
-                    logger.info(
-                        "session %s lost its lock: %s",
-                        self.session_id,
-                        Redacted(self._lock_lost),
-                        extra=self._log_extra,
-                    )
-                    await hooks.report(
-                        self._lock_lost, self._lock_lost_source, self.session_id, False
-                    )
-                self._close_requests()
+            self._nursery = nursery
+            self._context = contextvars.copy_context()
+            schedule = hooks.schedule_lock_timer
+            if schedule is None:
+                self._start_service()
+            else:
+                schedule(self, self._timer_at)
+            with self._lock_scope:
+                with self._grace_scope:
+                    if await self._initialize():
+                        await self._work()
+                if self._grace_scope.cancelled_caught and not self._draining:
+                    self._close_reason = "idle"  # the inline loop's idle clock fired
+                await self._give_back(self._buffer[::-1])
+                self._buffer.clear()
+                await self._call_closing()
+            if self._lock_scope.cancelled_caught and self._lock_lost is None:
+                self._lock_lost = SessionLockLostError(
+                    f"the lock of session {self.session_id!r} expired while handlers ran"
+                )
+                self._lock_lost_source = ErrorSource.RENEW_LOCK
+            if self._lock_lost is not None:
+                logger.info(
+                    "session %s lost its lock: %s",
+                    self.session_id,
+                    Redacted(self._lock_lost),
+                    extra=self._log_extra,
+                )
+                await hooks.report(self._lock_lost, self._lock_lost_source, self.session_id, False)
+            self._close_requests()
+            if self._service_done is not None:
+                await self._service_done.wait()  # it does the commands sent before the close
         except BaseException as exc:
             cancelled = isinstance(exc, trio.Cancelled) or (
                 isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[0] is not None
@@ -598,6 +619,12 @@ class SessionActor:
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
+                if self._service_done is not None and not self._service_done.is_set():
+                    # Ended by an exception: stop the service task (as a nursery of the
+                    # actor's own would), and close the link only once it has stopped.
+                    assert self._service_scope is not None
+                    self._service_scope.cancel()
+                    await self._service_done.wait()
                 try:
                     await self._link.aclose()
                 except Exception as exc:

@@ -359,23 +359,28 @@ class SessionManager:
                 self._timers.finish()  # accepting is over and this was the last actor
 
         if previous is None:
-            supervisor.start_soon(actor.run, on_exit, name=f"session {sid}")
+            supervisor.start_soon(actor.run, on_exit, supervisor, name=f"session {sid}")
         else:
             # The broker gave us a session we still hold: the old lock was lost (taken
             # away on the broker's side, unseen because nothing read the link meanwhile).
             # Its handlers stop before the new actor's start, so that they never overlap.
             previous.lock_lost_elsewhere()
-            supervisor.start_soon(self._run_after, previous, actor, on_exit, name=f"session {sid}")
+            supervisor.start_soon(
+                self._run_after, previous, actor, on_exit, supervisor, name=f"session {sid}"
+            )
         if self._stopped:
             actor.drain(trio.current_time() + self._options.shutdown_timeout)
         return actor
 
     @staticmethod
     async def _run_after(
-        previous: SessionActor, actor: SessionActor, on_exit: Callable[[SessionActor], None]
+        previous: SessionActor,
+        actor: SessionActor,
+        on_exit: Callable[[SessionActor], None],
+        supervisor: trio.Nursery,
     ) -> None:
         await previous.done.wait()
-        await actor.run(on_exit)
+        await actor.run(on_exit, supervisor)
 
     def _fail(self, error: BaseException) -> None:
         """A fatal error: remember the first, stop, and let ``subscribe*`` raise it."""
