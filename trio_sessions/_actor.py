@@ -134,7 +134,9 @@ class SessionActor:
         "_close_reason",
         "_context",
         "_current",
+        "_done",
         "_draining",
+        "_ended",
         "_give_up_renewing_at",
         "_grace_deadline",
         "_grace_scope",
@@ -147,7 +149,6 @@ class SessionActor:
         "_lock_lost_source",
         "_lock_scope",
         "_locked_until_utc",
-        "_log_extra",
         "_nursery",
         "_open",
         "_options",
@@ -164,7 +165,7 @@ class SessionActor:
         "_timer_renews",
         "_wake_pump",
         "context",
-        "done",
+        "limiter_token",
     )
 
     def __init__(self, link: SessionLink, hooks: ActorHooks) -> None:
@@ -180,7 +181,10 @@ class SessionActor:
             hooks.process_session is not None or options.max_concurrent_calls_per_session == 1
         )
         self.context = SessionContext(self)
-        self.done = trio.Event()
+        #: The manager's: the borrower of the CapacityLimiter token held for this actor.
+        self.limiter_token: object = None
+        self._ended = False
+        self._done: trio.Event | None = None  # made by the first wait_done
         now = trio.current_time()
         self._lock_duration = max(link.locked_until - now, 0.0)
         self._give_up_renewing_at = now + options.max_auto_lock_renewal_duration
@@ -214,8 +218,7 @@ class SessionActor:
         self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
         self._close_reason: str | None = None
-        self._log_extra = {"session_id": link.session_id, "entity_path": hooks.entity_path}
-        link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
+        link.on_lock_lost(self._lock_lost_by_link)
         self._settle_batch: Callable[
             [Sequence[Settlement]], Awaitable[list[BaseException | None]]
         ] = link.settle
@@ -225,6 +228,20 @@ class SessionActor:
             self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
             self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
             self._settle_batch = telemetry.traced_settle(link.settle)
+
+    @property
+    def _log_extra(self) -> dict[str, str]:
+        # Made per log call, not held (issue #8: a dict per idle session was 200 B).
+        return {"session_id": self._link.session_id, "entity_path": self._hooks.entity_path}
+
+    async def wait_done(self) -> None:
+        """Wait until the actor has ended (its link closed, its limiter token given back)."""
+        if self._ended:
+            return
+        if self._done is None:
+            # Made only when someone waits (issue #8: most actors never have a waiter).
+            self._done = trio.Event()
+        await self._done.wait()
 
     # -- SessionPort (what the context calls) ---------------------------------------------
 
@@ -550,6 +567,9 @@ class SessionActor:
             ErrorSource.RENEW_LOCK,
         )
 
+    def _lock_lost_by_link(self, error: SessionLockLostError) -> None:
+        self._note_lock_lost(error, ErrorSource.RENEW_LOCK)
+
     def _note_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> None:
         """Record the first report of a lost lock and cancel everything under it."""
         if self._lock_lost is None:
@@ -585,7 +605,14 @@ class SessionActor:
             with self._lock_scope:
                 with self._grace_scope:
                     if await self._initialize():
-                        await self._work()
+                        # Not through a helper coroutine: each frame held by an idle
+                        # session's wait costs about 200 B (issue #8).
+                        if hooks.process_session is not None:
+                            await self._run_session(hooks.process_session)
+                        elif self._options.max_concurrent_calls_per_session == 1:
+                            await self._run_inline()
+                        else:
+                            await self._run_concurrent()
                 if self._grace_scope.cancelled_caught and not self._draining:
                     self._close_reason = "idle"  # the inline loop's idle clock fired
                 await self._give_back(self._buffer[::-1])
@@ -646,7 +673,9 @@ class SessionActor:
                 extra=self._log_extra,
             )
             on_exit(self)
-            self.done.set()
+            self._ended = True
+            if self._done is not None:
+                self._done.set()
 
     def _close_requests(self) -> None:
         """No more commands: the service task (if any) ends once it has done those sent."""
@@ -683,15 +712,6 @@ class SessionActor:
         if isinstance(error, SessionLockLostError) and self._lock_lost is not None:
             return
         await self._hooks.report(error, source, self.session_id, handler)
-
-    async def _work(self) -> None:
-        hooks = self._hooks
-        if hooks.process_session is not None:
-            await self._run_session(hooks.process_session)
-        elif self._options.max_concurrent_calls_per_session == 1:
-            await self._run_inline()
-        else:
-            await self._run_concurrent()
 
     async def _run_inline(self) -> None:
         """Receive and handle one message at a time, in this task.

@@ -131,6 +131,7 @@ class SessionManager:
         self._accept_scope: trio.CancelScope | None = None
         self._accepting = False
         self._timers = LockTimers()
+        self._limiter = trio.CapacityLimiter(1)  # the running subscribe's (see _run)
         self._fatal: BaseException | None = None
         self._process_error: ErrorHandler | None = None
         self._rng = random.Random()
@@ -251,7 +252,9 @@ class SessionManager:
             async with trio.open_nursery() as supervisor:
                 supervisor.start_soon(timers.run, name="lock timers")
                 self._accepting = True
-                limiter = trio.CapacityLimiter(self._options.max_concurrent_sessions)
+                limiter = self._limiter = trio.CapacityLimiter(
+                    self._options.max_concurrent_sessions
+                )
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
                     if self.stopped():  # stop() was called by a callback racing us
@@ -331,7 +334,7 @@ class SessionManager:
             actor = self._start_actor(supervisor, link, hooks, limiter, borrower)
             if session_id is not None:
                 # Never hold one session twice: accept it again only once it is closed.
-                await actor.done.wait()
+                await actor.wait_done()
 
     def _start_actor(
         self,
@@ -342,22 +345,16 @@ class SessionManager:
         borrower: object,
     ) -> SessionActor:
         actor = SessionActor(link, hooks)
+        # What _actor_ended needs, on the actor rather than in a closure per session
+        # (issue #8: the closure and its cells were 230 B per idle session).
+        actor.limiter_token = borrower
         sid = link.session_id
         counters = self._counters
         counters.sessions_accepted += 1
         counters.active_sessions += 1
         previous = self._actors.get(sid)
         self._actors[sid] = actor
-
-        def on_exit(done: SessionActor) -> None:
-            counters.active_sessions -= 1
-            counters.sessions_closed += 1
-            if self._actors.get(sid) is done:
-                del self._actors[sid]
-            limiter.release_on_behalf_of(borrower)
-            if not self._accepting and counters.active_sessions == 0:
-                self._timers.finish()  # accepting is over and this was the last actor
-
+        on_exit = self._actor_ended
         if previous is None:
             supervisor.start_soon(actor.run, on_exit, supervisor, name=f"session {sid}")
         else:
@@ -372,6 +369,18 @@ class SessionManager:
             actor.drain(trio.current_time() + self._options.shutdown_timeout)
         return actor
 
+    def _actor_ended(self, actor: SessionActor) -> None:
+        """An actor has closed its session: count it, forget it, give its token back."""
+        counters = self._counters
+        counters.active_sessions -= 1
+        counters.sessions_closed += 1
+        sid = actor.session_id
+        if self._actors.get(sid) is actor:
+            del self._actors[sid]
+        self._limiter.release_on_behalf_of(actor.limiter_token)
+        if not self._accepting and counters.active_sessions == 0:
+            self._timers.finish()  # accepting is over and this was the last actor
+
     @staticmethod
     async def _run_after(
         previous: SessionActor,
@@ -379,7 +388,7 @@ class SessionManager:
         on_exit: Callable[[SessionActor], None],
         supervisor: trio.Nursery,
     ) -> None:
-        await previous.done.wait()
+        await previous.wait_done()
         await actor.run(on_exit, supervisor)
 
     def _fail(self, error: BaseException) -> None:
@@ -492,7 +501,7 @@ class SessionManager:
                     return await actor.get_state()
                 return await actor.set_state(state)
             except trio.ClosedResourceError:
-                await actor.done.wait()  # it is closing: use the session once it is free
+                await actor.wait_done()  # it is closing: use the session once it is free
         link = await self._backend.accept_session(
             self._entity,
             session_id,
