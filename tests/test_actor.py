@@ -7,6 +7,7 @@ outlives its actor, and the link is closed only once the service task has stoppe
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -14,10 +15,14 @@ import trio
 import trio.testing
 
 from trio_sessions import (
+    ErrorContext,
+    ErrorSource,
     MemoryBroker,
     Message,
     ReceivedMessage,
+    ServiceBusConnectionError,
     SessionContext,
+    SessionLockLostError,
     SessionManagerOptions,
     open_session_manager,
 )
@@ -135,3 +140,131 @@ async def test_cancelling_subscribe_stops_the_service_task_before_closing(
     assert watch.closed_during_get_state == [False]
     assert broker.locked_sessions(Q) == []
     assert broker.active_message_count(Q) == 1  # not completed: delivered again later
+
+
+# -- one scope for the lock and the shutdown grace ------------------------------------------
+#
+# The work runs in one cancel scope whose deadline is the earlier of the lock's and the
+# grace's (and, in the inline loop, the idle clock's); which one fired is worked out after.
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.seen: list[ErrorContext] = []
+
+    async def __call__(self, context: ErrorContext) -> None:
+        self.seen.append(context)
+
+
+async def _stop_during_a_long_handler(
+    *, lock_duration: float, shutdown_timeout: float
+) -> tuple[float, list[ErrorContext], MemoryBroker]:
+    """A handler that never returns; stop() at t=1. Returns when it was cancelled."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, lock_duration=lock_duration)
+    await broker.send(Q, Message(b"1", session_id="a"))
+    cancelled_at: list[float] = []
+    started = trio.Event()
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled_at.append(trio.current_time())
+
+    errors = _Errors()
+    options = SessionManagerOptions(
+        max_auto_lock_renewal_duration=0, shutdown_timeout=shutdown_timeout
+    )
+    start = trio.current_time()
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(manager.subscribe, handle, process_error=errors))
+            await started.wait()
+            await trio.sleep(1)
+            manager.stop()
+    return cancelled_at[0] - start, errors.seen, broker
+
+
+async def test_a_lock_expiring_before_the_grace_ends_is_a_lock_loss(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Lock 60 s: handlers are cancelled half the 10 s renewal margin before it expires.
+    when, errors, broker = await _stop_during_a_long_handler(lock_duration=60, shutdown_timeout=100)
+    assert when == pytest.approx(55)
+    assert [(type(e.error), e.source) for e in errors] == [
+        (SessionLockLostError, ErrorSource.RENEW_LOCK)
+    ]
+    assert broker.active_message_count(Q) == 1  # not settled: delivered again
+
+
+async def test_the_grace_ending_before_the_lock_cancels_handlers_without_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    when, errors, broker = await _stop_during_a_long_handler(lock_duration=60, shutdown_timeout=5)
+    assert when == pytest.approx(6)
+    assert errors == []
+    assert broker.active_message_count(Q) == 1  # abandoned by auto-complete
+
+
+async def test_a_renewal_during_an_idle_wait_keeps_the_idle_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The idle deadline (12 s) lies beyond the first lock deadline (7.5 s): renewing the
+    lock at 5 s must neither end the wait as a lock loss nor push the idle deadline out."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, lock_duration=10)
+    await broker.send(Q, Message(b"1", session_id="a"))
+    errors = _Errors()
+    closed_at: list[float] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        pass
+
+    async def closing(context: SessionContext) -> None:
+        closed_at.append(trio.current_time())
+
+    options = SessionManagerOptions(session_idle_timeout=12)
+    start = trio.current_time()
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    manager.subscribe, handle, process_error=errors, session_closing=closing
+                )
+            )
+            await trio.sleep(20)
+            stats = manager.stats()
+            manager.stop()
+    assert errors.seen == []
+    assert stats.lock_renewals == 2  # at 5 s and 10 s
+    assert stats.sessions_closed == 1
+    assert closed_at[0] - start == pytest.approx(12)
+
+
+async def test_a_lock_lapsing_during_an_idle_wait_is_a_lock_loss(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Renewal keeps failing: the lock deadline, earlier than the idle one, ends the wait."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, lock_duration=10)
+    await broker.send(Q, Message(b"1", session_id="a"))
+    errors = _Errors()
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        for _ in range(20):
+            broker.fail_next("renew_lock", ServiceBusConnectionError("down"))
+
+    options = SessionManagerOptions(session_idle_timeout=100)
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(manager.subscribe, handle, process_error=errors))
+            await trio.sleep(9)
+            stats = manager.stats()
+            manager.stop()
+    kinds = [(type(e.error), e.source) for e in errors.seen]
+    assert (SessionLockLostError, ErrorSource.RENEW_LOCK) in kinds
+    assert kinds.count((SessionLockLostError, ErrorSource.RENEW_LOCK)) == 1
+    assert stats.sessions_closed == 1
+    assert stats.lock_renewals == 0

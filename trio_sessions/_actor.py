@@ -4,17 +4,19 @@
 
     service task (in the supervisor nursery, started when first needed): executes
       commands (settlements in batches, state, deferred receives, renewals), lock timer
-    actor task ── lock scope (deadline = lock expiry)
-                    └─ grace scope (deadline = end of the shutdown grace)
-                        ├─ max_concurrent_calls_per_session == 1: the actor task itself
-                        │  receives (idle scope around the wait only) and runs the handler
-                        └─ otherwise: the actor task pumps into a memory channel read by
-                           that many long-lived worker tasks
+    actor task ── work scope (deadline = the earlier of the lock's safe deadline and
+                  │  the end of the shutdown grace; which fired is worked out after)
+                  ├─ max_concurrent_calls_per_session == 1: the actor task itself
+                  │  receives (the work scope is its idle clock) and runs the handler
+                  └─ otherwise: the actor task pumps into a memory channel read by
+                     that many long-lived worker tasks
+                  then, if there are closing steps, a scope for the lock alone
 
 Only the actor's tasks touch its `SessionLink`; handlers reach it through commands sent
 with ``send_nowait`` over a bounded memory channel. An idle session in the default shape
-holds two tasks. Lock loss cancels the lock scope: handlers are cancelled (Trio
-cancellation, no token to check) and nothing more is settled on that lock.
+holds one task and one cancel scope of its own. Lock loss cancels the lock scope:
+handlers are cancelled (Trio cancellation, no token to check) and nothing more is
+settled on that lock.
 """
 
 from __future__ import annotations
@@ -141,9 +143,11 @@ class SessionActor:
         "_grace_deadline",
         "_grace_scope",
         "_hooks",
+        "_idle_deadline",
         "_idle_scope",
         "_link",
         "_link_closing",
+        "_lock_deadline",
         "_lock_duration",
         "_lock_lost",
         "_lock_lost_source",
@@ -154,15 +158,16 @@ class SessionActor:
         "_options",
         "_peek_lock",
         "_receive_attempt",
-        "_receive_scope",
         "_renew_attempt",
         "_requests_tx",
         "_service_done",
         "_service_scope",
         "_settle_batch",
         "_settle_inline",
+        "_stop_deadline",
         "_timer_at",
         "_timer_renews",
+        "_waiting",
         "_wake_pump",
         "context",
         "limiter_token",
@@ -189,12 +194,19 @@ class SessionActor:
         self._lock_duration = max(link.locked_until - now, 0.0)
         self._give_up_renewing_at = now + options.max_auto_lock_renewal_duration
         self._locked_until_utc = link.locked_until_utc
-        self._lock_scope = trio.CancelScope(
-            deadline=_safe_deadline(link.locked_until, self._lock_duration)
-        )
-        self._grace_scope = trio.CancelScope()
-        self._grace_deadline = math.inf  # the grace scope's deadline, when not idling
-        self._receive_scope: trio.CancelScope | None = None
+        # One scope around the work for both the lock and the shutdown grace (issue #8:
+        # each live scope costs an idle session 600 B): its deadline is the earlier of the
+        # two, and which one fired is worked out after it fires (see run). The inline loop
+        # also uses it as its idle clock (see _run_inline).
+        self._lock_deadline = _safe_deadline(link.locked_until, self._lock_duration)
+        self._stop_deadline = math.inf  # the end of the shutdown grace, once stopped
+        # The work scope's deadline when not idling: min(lock deadline, stop deadline).
+        self._grace_deadline = self._lock_deadline
+        self._grace_scope = trio.CancelScope(deadline=self._grace_deadline)
+        # The scope lock loss cancels: the work scope, then one around the closing steps.
+        self._lock_scope = self._grace_scope
+        self._waiting: trio.CancelScope | None = None  # see _receive_scope
+        self._idle_deadline = math.inf  # of the work scope's idle wait, while it waits
         self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
             link.locked_until, self._lock_duration, self._give_up_renewing_at
@@ -228,6 +240,36 @@ class SessionActor:
             self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
             self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
             self._settle_batch = telemetry.traced_settle(link.settle)
+
+    @property
+    def _receive_scope(self) -> trio.CancelScope | None:
+        """The scope of the receive now waiting (its deadline is the idle clock), or None."""
+        return self._waiting
+
+    @_receive_scope.setter
+    def _receive_scope(self, scope: trio.CancelScope | None) -> None:
+        self._waiting = scope
+        if scope is not None and scope is self._grace_scope:
+            # An idle wait in the work scope, whose deadline now is min(idle deadline,
+            # lock and stop deadlines): note the idle deadline, which a renewal keeps.
+            # (The work scope waits idle only, in the inline loop: nothing is in flight.)
+            deadline = scope.deadline
+            if deadline >= self._grace_deadline:
+                deadline = trio.current_time() + self._options.session_idle_timeout
+            self._idle_deadline = deadline
+
+    def _set_lock_deadline(self, deadline: float) -> None:
+        """Move the lock deadline (on renewal) on whichever scope guards the lock now."""
+        self._lock_deadline = deadline
+        scope = self._lock_scope
+        if scope is not self._grace_scope:  # closing: a scope for the lock alone
+            scope.deadline = deadline
+            return
+        self._grace_deadline = min(self._stop_deadline, deadline)
+        if self._waiting is scope:
+            scope.deadline = min(self._idle_deadline, self._grace_deadline)
+        else:
+            scope.deadline = self._grace_deadline
 
     @property
     def _log_extra(self) -> dict[str, str]:
@@ -316,6 +358,7 @@ class SessionActor:
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
         self.release("stopped")
+        self._stop_deadline = min(self._stop_deadline, grace_deadline)
         self._grace_deadline = min(self._grace_deadline, grace_deadline)
         self._grace_scope.deadline = min(self._grace_scope.deadline, grace_deadline)
 
@@ -513,7 +556,7 @@ class SessionActor:
         self._renew_attempt = 0
         self._lock_duration = max(deadline - now, 0.0)
         self._locked_until_utc = self._link.locked_until_utc
-        self._lock_scope.deadline = _safe_deadline(deadline, self._lock_duration)
+        self._set_lock_deadline(_safe_deadline(deadline, self._lock_duration))
         logger.debug(
             "session %s: lock renewed until %s",
             self.session_id,
@@ -567,6 +610,13 @@ class SessionActor:
             ErrorSource.RENEW_LOCK,
         )
 
+    def _lock_expired(self) -> None:
+        """The lock deadline passed while handlers (or session_closing) still ran."""
+        self._lock_lost = SessionLockLostError(
+            f"the lock of session {self.session_id!r} expired while handlers ran"
+        )
+        self._lock_lost_source = ErrorSource.RENEW_LOCK
+
     def _lock_lost_by_link(self, error: SessionLockLostError) -> None:
         self._note_lock_lost(error, ErrorSource.RENEW_LOCK)
 
@@ -602,27 +652,35 @@ class SessionActor:
                 self._start_service()
             else:
                 schedule(self, self._timer_at)
-            with self._lock_scope:
-                with self._grace_scope:
-                    if await self._initialize():
-                        # Not through a helper coroutine: each frame held by an idle
-                        # session's wait costs about 200 B (issue #8).
-                        if hooks.process_session is not None:
-                            await self._run_session(hooks.process_session)
-                        elif self._options.max_concurrent_calls_per_session == 1:
-                            await self._run_inline()
-                        else:
-                            await self._run_concurrent()
-                if self._grace_scope.cancelled_caught and not self._draining:
-                    self._close_reason = "idle"  # the inline loop's idle clock fired
-                await self._give_back(self._buffer[::-1])
-                self._buffer.clear()
-                await self._call_closing()
-            if self._lock_scope.cancelled_caught and self._lock_lost is None:
-                self._lock_lost = SessionLockLostError(
-                    f"the lock of session {self.session_id!r} expired while handlers ran"
-                )
-                self._lock_lost_source = ErrorSource.RENEW_LOCK
+            with self._grace_scope:
+                if await self._initialize():
+                    # Not through a helper coroutine: each frame held by an idle
+                    # session's wait costs about 200 B (issue #8).
+                    if hooks.process_session is not None:
+                        await self._run_session(hooks.process_session)
+                    elif self._options.max_concurrent_calls_per_session == 1:
+                        await self._run_inline()
+                    else:
+                        await self._run_concurrent()
+            if self._grace_scope.cancelled_caught and self._lock_lost is None:
+                # Which deadline fired: the lock's (a lock loss), or else the grace's or
+                # the inline loop's idle clock.
+                if trio.current_time() >= self._lock_deadline:
+                    self._lock_expired()
+                elif not self._draining:
+                    self._close_reason = "idle"
+            if self._buffer or hooks.session_closing is not None:
+                # Closing steps, under the lock alone (skipped when there are none: a
+                # scope per session is a cost of its own).
+                with trio.CancelScope(deadline=self._lock_deadline) as closing:
+                    self._lock_scope = closing
+                    if self._lock_lost is not None:
+                        closing.cancel()  # nothing more under a lost lock
+                    await self._give_back(self._buffer[::-1])
+                    self._buffer.clear()
+                    await self._call_closing()
+                if closing.cancelled_caught and self._lock_lost is None:
+                    self._lock_expired()
             if self._lock_lost is not None:
                 logger.info(
                     "session %s lost its lock: %s",
