@@ -268,3 +268,33 @@ async def test_a_lock_lapsing_during_an_idle_wait_is_a_lock_loss(
     assert kinds.count((SessionLockLostError, ErrorSource.RENEW_LOCK)) == 1
     assert stats.sessions_closed == 1
     assert stats.lock_renewals == 0
+
+
+async def test_lock_timers_fire_in_order_of_their_times(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_sessions._renewal import LockTimers
+
+    fired: list[tuple[str, float]] = []
+
+    class Target:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def lock_timer_due(self) -> None:
+            fired.append((self.name, trio.current_time()))
+
+    timers = LockTimers()
+    targets = [Target(name) for name in "abcd"]
+    start = trio.current_time()
+    for target, when in zip(targets, (30, 10, 20, 10), strict=True):
+        timers.schedule(target, start + when)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        await trio.sleep(5)
+        targets.append(Target("e"))  # held: timers hold their targets weakly
+        timers.schedule(targets[-1], start + 15)  # earlier than the one waited for
+        await trio.sleep(30)
+        timers.finish()
+    assert sorted(fired[:2]) == [("b", start + 10), ("d", start + 10)]
+    assert fired[2:] == [("e", start + 15), ("c", start + 20), ("a", start + 30)]
