@@ -305,7 +305,12 @@ class SessionManager:
         attempt = 0
         while True:
             borrower = object()
-            await limiter.acquire_on_behalf_of(borrower)
+            try:
+                # Without a trip through the scheduler when a token is free (issue #8:
+                # a yield per session); the accept below is the loop's checkpoint.
+                limiter.acquire_on_behalf_of_nowait(borrower)
+            except trio.WouldBlock:
+                await limiter.acquire_on_behalf_of(borrower)
             try:
                 link = await self._backend.accept_session(
                     self._entity,
