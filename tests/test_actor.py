@@ -298,3 +298,33 @@ async def test_lock_timers_fire_in_order_of_their_times(
         timers.finish()
     assert sorted(fired[:2]) == [("b", start + 10), ("d", start + 10)]
     assert fired[2:] == [("e", start + 15), ("c", start + 20), ("a", start + 30)]
+
+
+async def test_locked_until_read_after_the_session_closed_is_its_own_lock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The actor reads locked_until from its link lazily; a context kept past the close
+    still tells its own lock's expiry, not that of the session's next holder."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, lock_duration=60)
+    await broker.send(Q, Message(b"1", session_id="a"))
+    kept: list[SessionContext] = []
+    delivered: list[ReceivedMessage] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        kept.append(context)
+        delivered.append(message)
+
+    options = SessionManagerOptions(session_idle_timeout=1, max_auto_lock_renewal_duration=0)
+    for _ in range(2):
+        async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(manager.subscribe, handle)
+                await trio.sleep(5)
+                assert manager.stats().sessions_closed == 1
+                manager.stop()
+        await broker.send(Q, Message(b"2", session_id="a"))
+    first, second = kept
+    assert first.locked_until == delivered[0].locked_until
+    assert second.locked_until == delivered[1].locked_until
+    assert first.locked_until < second.locked_until

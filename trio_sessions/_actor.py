@@ -193,7 +193,9 @@ class SessionActor:
         now = trio.current_time()
         self._lock_duration = max(link.locked_until - now, 0.0)
         self._give_up_renewing_at = now + options.max_auto_lock_renewal_duration
-        self._locked_until_utc = link.locked_until_utc
+        # Read from the link when first asked for (issue #8: a datetime per idle session),
+        # or on renewal, lock loss or close, whichever comes first.
+        self._locked_until_utc: dt.datetime | None = None
         # One scope around the work for both the lock and the shutdown grace (issue #8:
         # each live scope costs an idle session 600 B): its deadline is the earlier of the
         # two, and which one fired is worked out after it fires (see run). The inline loop
@@ -297,6 +299,8 @@ class SessionActor:
 
     @property
     def locked_until_utc(self) -> dt.datetime:
+        if self._locked_until_utc is None:
+            self._locked_until_utc = self._link.locked_until_utc
         return self._locked_until_utc
 
     async def settle(self, settlement: Settlement) -> None:
@@ -338,7 +342,7 @@ class SessionActor:
 
     async def renew_lock(self) -> dt.datetime:
         await self._request("renew")
-        return self._locked_until_utc
+        return self.locked_until_utc
 
     def released(self) -> bool:
         """Whether `release` was called (a method, so type checkers re-read it after awaits)."""
@@ -622,6 +626,8 @@ class SessionActor:
 
     def _note_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> None:
         """Record the first report of a lost lock and cancel everything under it."""
+        if self._locked_until_utc is None:
+            self._locked_until_utc = self._link.locked_until_utc  # the lost lock's
         if self._lock_lost is None:
             self._lock_lost = error
             self._lock_lost_source = source
@@ -701,6 +707,8 @@ class SessionActor:
         finally:
             self._close_requests()
             self._link_closing = True
+            if self._locked_until_utc is None:
+                self._locked_until_utc = self._link.locked_until_utc  # while it is ours
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
