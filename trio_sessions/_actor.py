@@ -121,6 +121,20 @@ def _safe_deadline(locked_until: float, lock_duration: float) -> float:
     return locked_until - renewal_margin(lock_duration) / 2
 
 
+_SettleBatch = Callable[[Sequence[Settlement]], Awaitable[list[BaseException | None]]]
+
+
+class _LinkSettle:
+    """``actor._settle_batch`` is ``actor._link.settle`` unless set on the instance.
+
+    A non-data descriptor, so that telemetry can put the traced version in the
+    instance's ``__dict__``, while an untraced actor holds no bound method (64 B).
+    """
+
+    def __get__(self, actor: SessionActor, owner: object = None) -> _SettleBatch:
+        return actor._link.settle
+
+
 class SessionActor:
     """Runs one locked session from accept to close (internal)."""
 
@@ -162,14 +176,13 @@ class SessionActor:
         "_requests_tx",
         "_service_done",
         "_service_scope",
-        "_settle_batch",
+        "_session_context",
         "_settle_inline",
         "_stop_deadline",
         "_timer_at",
         "_timer_renews",
         "_waiting",
         "_wake_pump",
-        "context",
         "limiter_token",
     )
 
@@ -185,7 +198,7 @@ class SessionActor:
         self._settle_inline = (
             hooks.process_session is not None or options.max_concurrent_calls_per_session == 1
         )
-        self.context = SessionContext(self)
+        self._session_context: SessionContext | None = None  # see context
         #: The manager's: the borrower of the CapacityLimiter token held for this actor.
         self.limiter_token: object = None
         self._ended = False
@@ -233,15 +246,24 @@ class SessionActor:
         self._receive_attempt = 0
         self._close_reason: str | None = None
         link.on_lock_lost(self._lock_lost_by_link)
-        self._settle_batch: Callable[
-            [Sequence[Settlement]], Awaitable[list[BaseException | None]]
-        ] = link.settle
         if (telemetry := hooks.telemetry) is not None:
             # OpenTelemetry is configured: swap in traced steps once, so that the
             # untraced path has no check per message (see _otel).
             self._handle = telemetry.traced_handle(self._handle)  # type: ignore[method-assign,assignment]
             self._run_session = telemetry.traced_session(self, self._run_session)  # type: ignore[method-assign,assignment]
             self._settle_batch = telemetry.traced_settle(link.settle)
+
+    #: Sends settlements to the backend: the link's own ``settle`` (see `_LinkSettle`),
+    #: or the traced one that telemetry puts in the instance's ``__dict__``.
+    _settle_batch: _SettleBatch = _LinkSettle()  # type: ignore[assignment]
+
+    @property
+    def context(self) -> SessionContext:
+        """The session's `SessionContext`, made when first needed (issue #8: 48 B)."""
+        context = self._session_context
+        if context is None:
+            context = self._session_context = SessionContext(self)
+        return context
 
     @property
     def _receive_scope(self) -> trio.CancelScope | None:
