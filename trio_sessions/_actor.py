@@ -204,7 +204,8 @@ class SessionActor:
         self._ended = False
         self._done: trio.Event | None = None  # made by the first wait_done
         now = trio.current_time()
-        self._lock_duration = max(link.locked_until - now, 0.0)
+        locked_until = link.locked_until
+        self._lock_duration = max(locked_until - now, 0.0)
         self._give_up_renewing_at = now + options.max_auto_lock_renewal_duration
         # Read from the link when first asked for (issue #8: a datetime per idle session),
         # or on renewal, lock loss or close, whichever comes first.
@@ -213,7 +214,7 @@ class SessionActor:
         # each live scope costs an idle session 600 B): its deadline is the earlier of the
         # two, and which one fired is worked out after it fires (see run). The inline loop
         # also uses it as its idle clock (see _run_inline).
-        self._lock_deadline = _safe_deadline(link.locked_until, self._lock_duration)
+        self._lock_deadline = _safe_deadline(locked_until, self._lock_duration)
         self._stop_deadline = math.inf  # the end of the shutdown grace, once stopped
         # The work scope's deadline when not idling: min(lock deadline, stop deadline).
         self._grace_deadline = self._lock_deadline
@@ -224,7 +225,7 @@ class SessionActor:
         self._idle_deadline = math.inf  # of the work scope's idle wait, while it waits
         self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
-            link.locked_until, self._lock_duration, self._give_up_renewing_at
+            locked_until, self._lock_duration, self._give_up_renewing_at
         )
         self._renew_attempt = 0
         self._nursery: trio.Nursery | None = None
@@ -669,9 +670,15 @@ class SessionActor:
         one is needed: the actor has no nursery of its own (issue #8).
         """
         hooks = self._hooks
-        logger.info(
-            "session %s of %s accepted", self.session_id, hooks.entity_path, extra=self._log_extra
-        )
+        # Each log call checked first: building its `extra` is a cost per session even
+        # when INFO is off (issue #8, CPU per session lifecycle).
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "session %s of %s accepted",
+                self.session_id,
+                hooks.entity_path,
+                extra=self._log_extra,
+            )
         try:
             self._nursery = nursery
             self._context = contextvars.copy_context()
@@ -753,13 +760,14 @@ class SessionActor:
                 logger.warning(
                     "closing session %s timed out", self.session_id, extra=self._log_extra
                 )
-            logger.info(
-                "session %s of %s closed (%s)",
-                self.session_id,
-                hooks.entity_path,
-                "lock lost" if self._lock_lost is not None else self._close_reason or "done",
-                extra=self._log_extra,
-            )
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "session %s of %s closed (%s)",
+                    self.session_id,
+                    hooks.entity_path,
+                    "lock lost" if self._lock_lost is not None else self._close_reason or "done",
+                    extra=self._log_extra,
+                )
             on_exit(self)
             self._ended = True
             if self._done is not None:
