@@ -2,19 +2,21 @@
 
 ::
 
-    actor task ─┬─ service task: executes commands (settlements in batches, state,
-                │  deferred receives, renewals) and the lock timer
-                └─ lock scope (deadline = lock expiry)
-                    └─ grace scope (deadline = end of the shutdown grace)
-                        ├─ max_concurrent_calls_per_session == 1: the actor task itself
-                        │  receives (idle deadline on the wait only) and runs the handler
-                        └─ otherwise: the actor task pumps into a memory channel read by
-                           that many long-lived worker tasks
+    service task (in the supervisor nursery, started when first needed): executes
+      commands (settlements in batches, state, deferred receives, renewals), lock timer
+    actor task ── work scope (deadline = the earlier of the lock's safe deadline and
+                  │  the end of the shutdown grace; which fired is worked out after)
+                  ├─ max_concurrent_calls_per_session == 1: the actor task itself
+                  │  receives (the work scope is its idle clock) and runs the handler
+                  └─ otherwise: the actor task pumps into a memory channel read by
+                     that many long-lived worker tasks
+                  then, if there are closing steps, a scope for the lock alone
 
 Only the actor's tasks touch its `SessionLink`; handlers reach it through commands sent
 with ``send_nowait`` over a bounded memory channel. An idle session in the default shape
-holds two tasks. Lock loss cancels the lock scope: handlers are cancelled (Trio
-cancellation, no token to check) and nothing more is settled on that lock.
+holds one task and one cancel scope of its own. Lock loss cancels the lock scope:
+handlers are cancelled (Trio cancellation, no token to check) and nothing more is
+settled on that lock.
 """
 
 from __future__ import annotations
@@ -119,6 +121,20 @@ def _safe_deadline(locked_until: float, lock_duration: float) -> float:
     return locked_until - renewal_margin(lock_duration) / 2
 
 
+_SettleBatch = Callable[[Sequence[Settlement]], Awaitable[list[BaseException | None]]]
+
+
+class _LinkSettle:
+    """``actor._settle_batch`` is ``actor._link.settle`` unless set on the instance.
+
+    A non-data descriptor, so that telemetry can put the traced version in the
+    instance's ``__dict__``, while an untraced actor holds no bound method (64 B).
+    """
+
+    def __get__(self, actor: SessionActor, owner: object = None) -> _SettleBatch:
+        return actor._link.settle
+
+
 class SessionActor:
     """Runs one locked session from accept to close (internal)."""
 
@@ -136,37 +152,42 @@ class SessionActor:
         "_context",
         "_current",
         "_defer_settle",
+        "_done",
         "_draining",
+        "_ended",
         "_give_up_renewing_at",
         "_grace_deadline",
         "_grace_scope",
         "_hooks",
+        "_idle_deadline",
         "_idle_scope",
         "_link",
         "_link_closing",
+        "_lock_deadline",
         "_lock_duration",
         "_lock_lost",
         "_lock_lost_source",
         "_lock_scope",
         "_locked_until_utc",
-        "_log_extra",
         "_nursery",
         "_open",
         "_options",
         "_peek_lock",
         "_pending",
         "_receive_attempt",
-        "_receive_scope",
         "_renew_attempt",
         "_requests_tx",
-        "_settle_batch",
+        "_service_done",
+        "_service_scope",
+        "_session_context",
         "_settle_failure",
         "_settle_inline",
+        "_stop_deadline",
         "_timer_at",
         "_timer_renews",
+        "_waiting",
         "_wake_pump",
-        "context",
-        "done",
+        "limiter_token",
     )
 
     def __init__(self, link: SessionLink, hooks: ActorHooks) -> None:
@@ -181,21 +202,34 @@ class SessionActor:
         self._settle_inline = (
             hooks.process_session is not None or options.max_concurrent_calls_per_session == 1
         )
-        self.context = SessionContext(self)
-        self.done = trio.Event()
+        self._session_context: SessionContext | None = None  # see context
+        #: The manager's: the borrower of the CapacityLimiter token held for this actor.
+        self.limiter_token: object = None
+        self._ended = False
+        self._done: trio.Event | None = None  # made by the first wait_done
         now = trio.current_time()
-        self._lock_duration = max(link.locked_until - now, 0.0)
+        locked_until = link.locked_until
+        self._lock_duration = max(locked_until - now, 0.0)
         self._give_up_renewing_at = now + options.max_auto_lock_renewal_duration
-        self._locked_until_utc = link.locked_until_utc
-        self._lock_scope = trio.CancelScope(
-            deadline=_safe_deadline(link.locked_until, self._lock_duration)
-        )
-        self._grace_scope = trio.CancelScope()
-        self._grace_deadline = math.inf  # the grace scope's deadline, when not idling
-        self._receive_scope: trio.CancelScope | None = None
+        # Read from the link when first asked for (issue #8: a datetime per idle session),
+        # or on renewal, lock loss or close, whichever comes first.
+        self._locked_until_utc: dt.datetime | None = None
+        # One scope around the work for both the lock and the shutdown grace (issue #8:
+        # each live scope costs an idle session 600 B): its deadline is the earlier of the
+        # two, and which one fired is worked out after it fires (see run). The inline loop
+        # also uses it as its idle clock (see _run_inline).
+        self._lock_deadline = _safe_deadline(locked_until, self._lock_duration)
+        self._stop_deadline = math.inf  # the end of the shutdown grace, once stopped
+        # The work scope's deadline when not idling: min(lock deadline, stop deadline).
+        self._grace_deadline = self._lock_deadline
+        self._grace_scope = trio.CancelScope(deadline=self._grace_deadline)
+        # The scope lock loss cancels: the work scope, then one around the closing steps.
+        self._lock_scope = self._grace_scope
+        self._waiting: trio.CancelScope | None = None  # see _receive_scope
+        self._idle_deadline = math.inf  # of the work scope's idle wait, while it waits
         self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
-            link.locked_until, self._lock_duration, self._give_up_renewing_at
+            locked_until, self._lock_duration, self._give_up_renewing_at
         )
         self._renew_attempt = 0
         self._nursery: trio.Nursery | None = None
@@ -203,6 +237,8 @@ class SessionActor:
         self._link_closing = False
         # Made with the service task (see _start_service).
         self._requests_tx: trio.MemorySendChannel[_Request] | None = None
+        self._service_scope: trio.CancelScope | None = None
+        self._service_done: trio.Event | None = None
         self._open: dict[str, ReceivedMessage] = {}
         # Received but not yet handed out, last first (a list: an empty deque costs 600 B).
         self._buffer: list[ReceivedMessage] = []
@@ -214,11 +250,7 @@ class SessionActor:
         self._lock_lost_source = ErrorSource.RENEW_LOCK
         self._receive_attempt = 0
         self._close_reason: str | None = None
-        self._log_extra = {"session_id": link.session_id, "entity_path": hooks.entity_path}
-        link.on_lock_lost(lambda error: self._note_lock_lost(error, ErrorSource.RENEW_LOCK))
-        self._settle_batch: Callable[
-            [Sequence[Settlement]], Awaitable[list[BaseException | None]]
-        ] = link.settle
+        link.on_lock_lost(self._lock_lost_by_link)
         if (telemetry := hooks.telemetry) is not None:
             # OpenTelemetry is configured: swap in traced steps once, so that the
             # untraced path has no check per message (see _otel).
@@ -236,6 +268,62 @@ class SessionActor:
         self._pending: Settlement | None = None  # the auto-settlement the next receive carries
         self._settle_failure: tuple[BaseException, Settlement] | None = None
 
+    #: Sends settlements to the backend: the link's own ``settle`` (see `_LinkSettle`),
+    #: or the traced one that telemetry puts in the instance's ``__dict__``.
+    _settle_batch: _SettleBatch = _LinkSettle()  # type: ignore[assignment]
+
+    @property
+    def context(self) -> SessionContext:
+        """The session's `SessionContext`, made when first needed (issue #8: 48 B)."""
+        context = self._session_context
+        if context is None:
+            context = self._session_context = SessionContext(self)
+        return context
+
+    @property
+    def _receive_scope(self) -> trio.CancelScope | None:
+        """The scope of the receive now waiting (its deadline is the idle clock), or None."""
+        return self._waiting
+
+    @_receive_scope.setter
+    def _receive_scope(self, scope: trio.CancelScope | None) -> None:
+        self._waiting = scope
+        if scope is not None and scope is self._grace_scope and not self._combined:
+            # An idle wait in the work scope, whose deadline now is min(idle deadline,
+            # lock and stop deadlines): note the idle deadline, which a renewal keeps.
+            # (The work scope waits idle only, in the inline loop: nothing is in flight.)
+            deadline = scope.deadline
+            if deadline >= self._grace_deadline:
+                deadline = trio.current_time() + self._options.session_idle_timeout
+            self._idle_deadline = deadline
+
+    def _set_lock_deadline(self, deadline: float) -> None:
+        """Move the lock deadline (on renewal) on whichever scope guards the lock now."""
+        self._lock_deadline = deadline
+        scope = self._lock_scope
+        if scope is not self._grace_scope:  # closing: a scope for the lock alone
+            scope.deadline = deadline
+            return
+        self._grace_deadline = min(self._stop_deadline, deadline)
+        if self._waiting is scope and not self._combined:
+            scope.deadline = min(self._idle_deadline, self._grace_deadline)
+        else:
+            scope.deadline = self._grace_deadline
+
+    @property
+    def _log_extra(self) -> dict[str, str]:
+        # Made per log call, not held (issue #8: a dict per idle session was 200 B).
+        return {"session_id": self._link.session_id, "entity_path": self._hooks.entity_path}
+
+    async def wait_done(self) -> None:
+        """Wait until the actor has ended (its link closed, its limiter token given back)."""
+        if self._ended:
+            return
+        if self._done is None:
+            # Made only when someone waits (issue #8: most actors never have a waiter).
+            self._done = trio.Event()
+        await self._done.wait()
+
     # -- SessionPort (what the context calls) ---------------------------------------------
 
     @property
@@ -248,6 +336,8 @@ class SessionActor:
 
     @property
     def locked_until_utc(self) -> dt.datetime:
+        if self._locked_until_utc is None:
+            self._locked_until_utc = self._link.locked_until_utc
         return self._locked_until_utc
 
     async def settle(self, settlement: Settlement) -> None:
@@ -289,7 +379,7 @@ class SessionActor:
 
     async def renew_lock(self) -> dt.datetime:
         await self._request("renew")
-        return self._locked_until_utc
+        return self.locked_until_utc
 
     def released(self) -> bool:
         """Whether `release` was called (a method, so type checkers re-read it after awaits)."""
@@ -309,6 +399,7 @@ class SessionActor:
     def drain(self, grace_deadline: float) -> None:
         """Release the session, cancelling handlers still running at ``grace_deadline``."""
         self.release("stopped")
+        self._stop_deadline = min(self._stop_deadline, grace_deadline)
         self._grace_deadline = min(self._grace_deadline, grace_deadline)
         self._grace_scope.deadline = min(self._grace_scope.deadline, grace_deadline)
 
@@ -345,6 +436,8 @@ class SessionActor:
         options = self._options
         capacity = options.max_concurrent_calls_per_session + options.prefetch_count
         self._requests_tx, receive = trio.open_memory_channel[_Request](capacity + 64)
+        self._service_scope = trio.CancelScope()
+        self._service_done = trio.Event()
         # In the actor's own context, not that of the handler whose command started it:
         # a task copies its spawner's context vars (an OpenTelemetry span, for one).
         assert self._context is not None
@@ -377,25 +470,37 @@ class SessionActor:
         return request.result
 
     async def _service(self, receive: trio.MemoryReceiveChannel[_Request]) -> None:
-        """Execute commands in arrival order, batching settlements; run the lock timer."""
-        async with receive:
-            while True:
-                request = None
-                with trio.move_on_at(self._timer_at):
-                    try:
-                        request = await receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                if request is None:
-                    await self._on_lock_timer()
-                    continue
-                batch = [request]
-                while len(batch) < 256:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._execute(batch)
+        """Execute commands in arrival order, batching settlements; run the lock timer.
+
+        It runs in the manager's supervisor nursery, beside its actor (issue #8: a nursery
+        of the actor's own cost 1.1 KiB per idle session); the actor waits for it to end
+        before it closes the link, and cancels it when it ends by an exception.
+        """
+        scope, done = self._service_scope, self._service_done
+        assert scope is not None
+        assert done is not None
+        try:
+            with scope:
+                async with receive:
+                    while True:
+                        request = None
+                        with trio.move_on_at(self._timer_at):
+                            try:
+                                request = await receive.receive()
+                            except trio.EndOfChannel:
+                                return
+                        if request is None:
+                            await self._on_lock_timer()
+                            continue
+                        batch = [request]
+                        while len(batch) < 256:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        await self._execute(batch)
+        finally:
+            done.set()
 
     async def _execute(self, batch: list[_Request]) -> None:
         i = 0
@@ -492,7 +597,7 @@ class SessionActor:
         self._renew_attempt = 0
         self._lock_duration = max(deadline - now, 0.0)
         self._locked_until_utc = self._link.locked_until_utc
-        self._lock_scope.deadline = _safe_deadline(deadline, self._lock_duration)
+        self._set_lock_deadline(_safe_deadline(deadline, self._lock_duration))
         logger.debug(
             "session %s: lock renewed until %s",
             self.session_id,
@@ -546,8 +651,20 @@ class SessionActor:
             ErrorSource.RENEW_LOCK,
         )
 
+    def _lock_expired(self) -> None:
+        """The lock deadline passed while handlers (or session_closing) still ran."""
+        self._lock_lost = SessionLockLostError(
+            f"the lock of session {self.session_id!r} expired while handlers ran"
+        )
+        self._lock_lost_source = ErrorSource.RENEW_LOCK
+
+    def _lock_lost_by_link(self, error: SessionLockLostError) -> None:
+        self._note_lock_lost(error, ErrorSource.RENEW_LOCK)
+
     def _note_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> None:
         """Record the first report of a lost lock and cancel everything under it."""
+        if self._locked_until_utc is None:
+            self._locked_until_utc = self._link.locked_until_utc  # the lost lock's
         if self._lock_lost is None:
             self._lock_lost = error
             self._lock_lost_source = source
@@ -560,53 +677,79 @@ class SessionActor:
 
     # -- life cycle --------------------------------------------------------------------------
 
-    async def run(self, on_exit: Callable[[SessionActor], None]) -> None:
-        """Run the session until it is idle, released, stopped or its lock is lost."""
+    async def run(self, on_exit: Callable[[SessionActor], None], nursery: trio.Nursery) -> None:
+        """Run the session until it is idle, released, stopped or its lock is lost.
+
+        ``nursery`` (the manager's supervisor) is where the service task is started, when
+        one is needed: the actor has no nursery of its own (issue #8).
+        """
         hooks = self._hooks
-        logger.info(
-            "session %s of %s accepted", self.session_id, hooks.entity_path, extra=self._log_extra
-        )
+        # Each log call checked first: building its `extra` is a cost per session even
+        # when INFO is off (issue #8, CPU per session lifecycle).
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "session %s of %s accepted",
+                self.session_id,
+                hooks.entity_path,
+                extra=self._log_extra,
+            )
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._context = contextvars.copy_context()
-                schedule = hooks.schedule_lock_timer
-                if schedule is None:
-                    self._start_service()
-                else:
-                    schedule(self, self._timer_at)
-                with self._lock_scope:
-                    with self._grace_scope:
-                        if await self._initialize():
-                            await self._work()
-                    if self._grace_scope.cancelled_caught and not self._draining:
-                        self._close_reason = "idle"  # the inline loop's idle clock fired
-                    if self._settle_failure is not None:
-                        # A settlement carried by a receive failed (see _on_settled).
-                        error, settlement = self._settle_failure
-                        self._settle_failure = None
-                        await hooks.report(
-                            error, _settle_source(settlement), self.session_id, False
-                        )
+            self._nursery = nursery
+            self._context = contextvars.copy_context()
+            schedule = hooks.schedule_lock_timer
+            if schedule is None:
+                self._start_service()
+            else:
+                schedule(self, self._timer_at)
+            with self._grace_scope:
+                if await self._initialize():
+                    # Not through a helper coroutine: each frame held by an idle
+                    # session's wait costs about 200 B (issue #8).
+                    if hooks.process_session is not None:
+                        await self._run_session(hooks.process_session)
+                    elif self._options.max_concurrent_calls_per_session == 1:
+                        await self._run_inline()
+                    else:
+                        await self._run_concurrent()
+                    pending = self._pending
+                    if pending is not None:  # no receive came to carry it
+                        self._pending = None
+                        await self._settle_auto(pending)
+            if self._grace_scope.cancelled_caught and self._lock_lost is None:
+                # Which deadline fired: the lock's (a lock loss), or else the grace's or
+                # the inline loop's idle clock.
+                if trio.current_time() >= self._lock_deadline:
+                    self._lock_expired()
+                elif not self._draining:
+                    self._close_reason = "idle"
+            if self._settle_failure is not None and self._lock_lost is None:
+                # A settlement carried by a receive failed (see _on_settled).
+                error, settlement = self._settle_failure
+                self._settle_failure = None
+                await hooks.report(error, _settle_source(settlement), self.session_id, False)
+            if self._buffer or hooks.session_closing is not None:
+                # Closing steps, under the lock alone (skipped when there are none: a
+                # scope per session is a cost of its own).
+                with trio.CancelScope(deadline=self._lock_deadline) as closing:
+                    self._lock_scope = closing
+                    if self._lock_lost is not None:
+                        closing.cancel()  # nothing more under a lost lock
                     await self._give_back(self._buffer[::-1])
                     self._buffer.clear()
                     await self._call_closing()
-                if self._lock_scope.cancelled_caught and self._lock_lost is None:
-                    self._lock_lost = SessionLockLostError(
-                        f"the lock of session {self.session_id!r} expired while handlers ran"
-                    )
-                    self._lock_lost_source = ErrorSource.RENEW_LOCK
-                if self._lock_lost is not None:
-                    logger.info(
-                        "session %s lost its lock: %s",
-                        self.session_id,
-                        Redacted(self._lock_lost),
-                        extra=self._log_extra,
-                    )
-                    await hooks.report(
-                        self._lock_lost, self._lock_lost_source, self.session_id, False
-                    )
-                self._close_requests()
+                if closing.cancelled_caught and self._lock_lost is None:
+                    self._lock_expired()
+            if self._lock_lost is not None:
+                logger.info(
+                    "session %s lost its lock: %s",
+                    self.session_id,
+                    Redacted(self._lock_lost),
+                    extra=self._log_extra,
+                )
+                await hooks.report(self._lock_lost, self._lock_lost_source, self.session_id, False)
+            self._close_requests()
+            if self._service_done is not None:
+                await self._service_done.wait()  # it does the commands sent before the close
         except BaseException as exc:
             cancelled = isinstance(exc, trio.Cancelled) or (
                 isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[0] is not None
@@ -616,9 +759,17 @@ class SessionActor:
         finally:
             self._close_requests()
             self._link_closing = True
+            if self._locked_until_utc is None:
+                self._locked_until_utc = self._link.locked_until_utc  # while it is ours
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
+                if self._service_done is not None and not self._service_done.is_set():
+                    # Ended by an exception: stop the service task (as a nursery of the
+                    # actor's own would), and close the link only once it has stopped.
+                    assert self._service_scope is not None
+                    self._service_scope.cancel()
+                    await self._service_done.wait()
                 try:
                     await self._link.aclose()
                 except Exception as exc:
@@ -632,15 +783,18 @@ class SessionActor:
                 logger.warning(
                     "closing session %s timed out", self.session_id, extra=self._log_extra
                 )
-            logger.info(
-                "session %s of %s closed (%s)",
-                self.session_id,
-                hooks.entity_path,
-                "lock lost" if self._lock_lost is not None else self._close_reason or "done",
-                extra=self._log_extra,
-            )
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "session %s of %s closed (%s)",
+                    self.session_id,
+                    hooks.entity_path,
+                    "lock lost" if self._lock_lost is not None else self._close_reason or "done",
+                    extra=self._log_extra,
+                )
             on_exit(self)
-            self.done.set()
+            self._ended = True
+            if self._done is not None:
+                self._done.set()
 
     def _close_requests(self) -> None:
         """No more commands: the service task (if any) ends once it has done those sent."""
@@ -677,19 +831,6 @@ class SessionActor:
         if isinstance(error, SessionLockLostError) and self._lock_lost is not None:
             return
         await self._hooks.report(error, source, self.session_id, handler)
-
-    async def _work(self) -> None:
-        hooks = self._hooks
-        if hooks.process_session is not None:
-            await self._run_session(hooks.process_session)
-        elif self._options.max_concurrent_calls_per_session == 1:
-            await self._run_inline()
-        else:
-            await self._run_concurrent()
-        pending = self._pending
-        if pending is not None:  # no receive came to carry it
-            self._pending = None
-            await self._settle_auto(pending)
 
     async def _run_inline(self) -> None:
         """Receive and handle one message at a time, in this task.
@@ -823,7 +964,7 @@ class SessionActor:
         """Settle a message handed to user code, unless user code settled it.
 
         With nothing buffered, where the link allows, the settlement is left for the next
-        receive to carry (`_defer_settle`); `_work` settles it if no receive comes.
+        receive to carry (`_defer_settle`); `run` settles it if no receive comes.
         """
         if not self._auto_complete or self._lock_lost is not None:
             return

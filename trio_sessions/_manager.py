@@ -131,6 +131,7 @@ class SessionManager:
         self._accept_scope: trio.CancelScope | None = None
         self._accepting = False
         self._timers = LockTimers()
+        self._limiter = trio.CapacityLimiter(1)  # the running subscribe's (see _run)
         self._fatal: BaseException | None = None
         self._process_error: ErrorHandler | None = None
         self._rng = random.Random()
@@ -251,7 +252,9 @@ class SessionManager:
             async with trio.open_nursery() as supervisor:
                 supervisor.start_soon(timers.run, name="lock timers")
                 self._accepting = True
-                limiter = trio.CapacityLimiter(self._options.max_concurrent_sessions)
+                limiter = self._limiter = trio.CapacityLimiter(
+                    self._options.max_concurrent_sessions
+                )
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
                     if self.stopped():  # stop() was called by a callback racing us
@@ -302,7 +305,12 @@ class SessionManager:
         attempt = 0
         while True:
             borrower = object()
-            await limiter.acquire_on_behalf_of(borrower)
+            try:
+                # Without a trip through the scheduler when a token is free (issue #8:
+                # a yield per session); the accept below is the loop's checkpoint.
+                limiter.acquire_on_behalf_of_nowait(borrower)
+            except trio.WouldBlock:
+                await limiter.acquire_on_behalf_of(borrower)
             try:
                 link = await self._backend.accept_session(
                     self._entity,
@@ -331,7 +339,7 @@ class SessionManager:
             actor = self._start_actor(supervisor, link, hooks, limiter, borrower)
             if session_id is not None:
                 # Never hold one session twice: accept it again only once it is closed.
-                await actor.done.wait()
+                await actor.wait_done()
 
     def _start_actor(
         self,
@@ -342,40 +350,51 @@ class SessionManager:
         borrower: object,
     ) -> SessionActor:
         actor = SessionActor(link, hooks)
+        # What _actor_ended needs, on the actor rather than in a closure per session
+        # (issue #8: the closure and its cells were 230 B per idle session).
+        actor.limiter_token = borrower
         sid = link.session_id
         counters = self._counters
         counters.sessions_accepted += 1
         counters.active_sessions += 1
         previous = self._actors.get(sid)
         self._actors[sid] = actor
-
-        def on_exit(done: SessionActor) -> None:
-            counters.active_sessions -= 1
-            counters.sessions_closed += 1
-            if self._actors.get(sid) is done:
-                del self._actors[sid]
-            limiter.release_on_behalf_of(borrower)
-            if not self._accepting and counters.active_sessions == 0:
-                self._timers.finish()  # accepting is over and this was the last actor
-
+        on_exit = self._actor_ended
         if previous is None:
-            supervisor.start_soon(actor.run, on_exit, name=f"session {sid}")
+            supervisor.start_soon(actor.run, on_exit, supervisor, name=f"session {sid}")
         else:
             # The broker gave us a session we still hold: the old lock was lost (taken
             # away on the broker's side, unseen because nothing read the link meanwhile).
             # Its handlers stop before the new actor's start, so that they never overlap.
             previous.lock_lost_elsewhere()
-            supervisor.start_soon(self._run_after, previous, actor, on_exit, name=f"session {sid}")
+            supervisor.start_soon(
+                self._run_after, previous, actor, on_exit, supervisor, name=f"session {sid}"
+            )
         if self._stopped:
             actor.drain(trio.current_time() + self._options.shutdown_timeout)
         return actor
 
+    def _actor_ended(self, actor: SessionActor) -> None:
+        """An actor has closed its session: count it, forget it, give its token back."""
+        counters = self._counters
+        counters.active_sessions -= 1
+        counters.sessions_closed += 1
+        sid = actor.session_id
+        if self._actors.get(sid) is actor:
+            del self._actors[sid]
+        self._limiter.release_on_behalf_of(actor.limiter_token)
+        if not self._accepting and counters.active_sessions == 0:
+            self._timers.finish()  # accepting is over and this was the last actor
+
     @staticmethod
     async def _run_after(
-        previous: SessionActor, actor: SessionActor, on_exit: Callable[[SessionActor], None]
+        previous: SessionActor,
+        actor: SessionActor,
+        on_exit: Callable[[SessionActor], None],
+        supervisor: trio.Nursery,
     ) -> None:
-        await previous.done.wait()
-        await actor.run(on_exit)
+        await previous.wait_done()
+        await actor.run(on_exit, supervisor)
 
     def _fail(self, error: BaseException) -> None:
         """A fatal error: remember the first, stop, and let ``subscribe*`` raise it."""
@@ -487,7 +506,7 @@ class SessionManager:
                     return await actor.get_state()
                 return await actor.set_state(state)
             except trio.ClosedResourceError:
-                await actor.done.wait()  # it is closing: use the session once it is free
+                await actor.wait_done()  # it is closing: use the session once it is free
         link = await self._backend.accept_session(
             self._entity,
             session_id,
