@@ -908,10 +908,11 @@ class SessionActor:
             self._receive_scope = scope
             try:
                 if self._combined:
-                    pending = self._pending
                     link = cast("SettleAndReceive", self._link)
+                    # No local for the settlement: this frame lives through the wait, and
+                    # would keep the message it settled alive in every idle session.
                     batch = await link.settle_and_receive(
-                        () if pending is None else (pending,),
+                        () if self._pending is None else (self._pending,),
                         self._on_settled,
                         max_count,
                         trio.current_time() + timeout,

@@ -1241,7 +1241,10 @@ class MemorySessionLink(SingleSettlements):
         """
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
-        on_settled(self._settle_now(settlements))
+        results = self._settle_now(settlements)
+        del settlements  # not held through the wait: an idle session keeps no message
+        on_settled(results)
+        del results
         return await self._receive_until(max_count, deadline)
 
     def _settle_now(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
