@@ -163,6 +163,7 @@ class _Record:
     lock_token: str | None = None
     dead_letter_reason: str | None = None
     dead_letter_error_description: str | None = None
+    enqueued_utc: dt.datetime | None = None  # `enqueued_at` as UTC, once first delivered
 
 
 class _Signal:
@@ -225,6 +226,15 @@ class _Session:
     link: MemorySessionLink | None = None
     locked_until: float = -math.inf
     arrived: _Signal = attrs.field(factory=_Signal)
+    # `locked_until` as UTC, for the messages received under it (one conversion a lock,
+    # not one a message).
+    locked_utc: tuple[float, dt.datetime] | None = None
+
+    def locked_until_utc(self, broker: MemoryBroker) -> dt.datetime:
+        cached = self.locked_utc
+        if cached is None or cached[0] != self.locked_until:
+            cached = self.locked_utc = (self.locked_until, broker._utc(self.locked_until))
+        return cached[1]
 
     def wake_receiver(self) -> None:
         self.arrived.set()
@@ -872,9 +882,18 @@ class MemoryBroker:
         return moment.timestamp() - self._utc_offset
 
     def _received(
-        self, record: _Record, locked_until: float | None, *, peek: bool = False
+        self,
+        record: _Record,
+        locked_until: float | dt.datetime | None,
+        *,
+        peek: bool = False,
     ) -> ReceivedMessage:
         message = record.message
+        enqueued = record.enqueued_utc
+        if enqueued is None:
+            enqueued = record.enqueued_utc = self._utc(record.enqueued_at)
+        if locked_until is not None and not isinstance(locked_until, dt.datetime):
+            locked_until = self._utc(locked_until)
         properties = dict(message.application_properties) if message.application_properties else {}
         if record.dead_letter_reason is not None:
             properties["DeadLetterReason"] = record.dead_letter_reason
@@ -886,8 +905,8 @@ class MemoryBroker:
             message_id=record.message_id,
             sequence_number=record.sequence_number,
             delivery_count=record.delivery_count,
-            enqueued_time=self._utc(record.enqueued_at),
-            locked_until=None if locked_until is None else self._utc(locked_until),
+            enqueued_time=enqueued,
+            locked_until=locked_until,
             lock_token=None if peek else record.lock_token,
             application_properties=properties,
             content_type=message.content_type,
@@ -1185,7 +1204,7 @@ class MemorySessionLink(SingleSettlements):
             if peek_lock:
                 record.lock_token = broker._new_token()
                 session.locked[record.lock_token] = record
-                out.append(broker._received(record, session.locked_until))
+                out.append(broker._received(record, session.locked_until_utc(broker)))
             else:
                 out.append(broker._received(record, None))
         return out
