@@ -55,7 +55,7 @@ from .._options import ReceiveMode
 from ._abc import SingleSettlements
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Coroutine, Iterable, Sequence
     from types import TracebackType
 
     from ._abc import Backend, SessionLink
@@ -1245,26 +1245,25 @@ class MemorySessionLink(SingleSettlements):
         await trio.lowlevel.checkpoint()
         return self._settle_now(settlements)
 
-    async def settle_and_receive(
+    def settle_and_receive(
         self,
         settlements: Sequence[Settlement],
         on_settled: Callable[[list[BaseException | None]], None],
         max_count: int,
         deadline: float = math.inf,
-    ) -> list[ReceivedMessage]:
+    ) -> Coroutine[Any, Any, list[ReceivedMessage]]:
         """`settle`, then `receive` until ``deadline``, with one checkpoint (see
         `SettleAndReceive`).
 
-        The settlements are applied before the first checkpoint, so a cancellation can
-        only arrive after them.
+        The settlements are applied when this is called, before the first checkpoint,
+        so a cancellation can only arrive after them. A plain function that returns the
+        receive's coroutine, to be awaited at once: one coroutine frame fewer held by
+        every idle session's wait (issue #8, memory per idle session).
         """
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
-        results = self._settle_now(settlements)
-        del settlements  # not held through the wait: an idle session keeps no message
-        on_settled(results)
-        del results
-        return await self._receive_until(max_count, deadline)
+        on_settled(self._settle_now(settlements))
+        return self._receive_until(max_count, deadline)
 
     def _settle_now(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         results: list[BaseException | None] = []
