@@ -139,7 +139,9 @@ def raw_trio_asyncio_worker(args: argparse.Namespace) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         async with trio_asyncio.open_loop() as loop:
             # As AzureServiceBus sets up the loop it opens (when it has this setting).
-            setup = getattr(_azure, "_run_ready_handles_together", None)
+            setup = getattr(_azure, "_speed_up_loop", None) or getattr(
+                _azure, "_run_ready_handles_together", None
+            )
             if setup is not None:
                 setup(loop)
             result: dict[str, Any] = await trio_asyncio.aio_as_trio(_raw)(

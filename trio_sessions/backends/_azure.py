@@ -323,11 +323,26 @@ class _Preempted(Exception):
     """A preemptible SDK call was stopped early to let another call on its receiver in."""
 
 
+class _Guard:
+    """What a call's coroutine and its `_Call` share while part of the call must not be cut.
+
+    While ``guarded`` is true, a preemption or a cancellation does not cancel the task:
+    it sets ``stop_requested`` and waits (within `CLOSE_TIMEOUT`); the coroutine reads
+    ``stop_requested`` when it leaves the guarded part and ends early by itself.
+    """
+
+    __slots__ = ("guarded", "stop_requested")
+
+    def __init__(self) -> None:
+        self.guarded = True
+        self.stop_requested = False
+
+
 @final
 class _Call(Generic[T]):
     """One asyncio task in the backend's loop, awaited from Trio: the bridge crossing.
 
-    This is trio-asyncio's ``aio_as_trio`` with two differences:
+    This is trio-asyncio's ``aio_as_trio`` with three differences:
 
     - **Cancellation** is sent again until the task ends (within `CLOSE_TIMEOUT`): the
       SDK awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can
@@ -336,25 +351,52 @@ class _Call(Generic[T]):
     - **Preemption**: `preempt` stops a waiting call (a receive) early so that another
       call on the same receiver can go first; `result` then raises `_Preempted`, unless
       the task finished anyway, in which case its result is kept (nothing is dropped).
+      A call with a `_Guard` is neither preempted nor cancelled while guarded.
+    - **Cost** (issue #8, P6): the coroutine wakes the waiting Trio task itself when it
+      ends (no done callback, which asyncio would schedule as one more loop callback,
+      and no `trio.Event`); the task is made by the loop directly.
     """
 
-    #: How long a cancelled task may go on before it is cancelled again.
-    cancel_again_after = _CANCEL_AGAIN_AFTER
+    __slots__ = ("_task", "_waiter", "_woken", "cancel_again_after", "guard")
 
     def __init__(self, loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs):
-        async def call() -> T:
-            return await fn(*args, **kwargs)
+        #: How long a cancelled task may go on before it is cancelled again.
+        self.cancel_again_after = _CANCEL_AGAIN_AFTER
+        self.guard: _Guard | None = None
+        self._waiter: trio.lowlevel.Task | None = None
+        self._woken = False
+        self._task: asyncio.Task[T] = loop.create_task(self._run(fn, args, kwargs))
 
-        self._wake = trio.Event()
-        self._task: asyncio.Future[T] = asyncio.ensure_future(call(), loop=loop)
-        self._task.add_done_callback(lambda _: self._wake.set())
+    async def _run(self, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            # Runs inside the loop's Trio task, in the same thread: the waiter wakes as
+            # soon as this step of the asyncio task (which sets its result) is over.
+            self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def preempt(self) -> None:
-        self._wake.set()
+        if self.guard is not None:
+            self.guard.stop_requested = True
+        self._wake()
 
     async def result(self) -> T:
         try:
-            await self._wake.wait()
+            if self._woken:
+                await trio.lowlevel.checkpoint()
+            else:
+                self._waiter = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
         except trio.Cancelled:
             await self._stop()  # noqa: ASYNC102 - _stop shields itself, with a deadline
             if self._task.done() and not self._task.cancelled():
@@ -373,13 +415,19 @@ class _Call(Generic[T]):
         return self._task.result()
 
     async def _stop(self) -> None:
+        guard = self.guard
+        if guard is not None:
+            guard.stop_requested = True
         done = trio.Event()
         self._task.add_done_callback(lambda _: done.set())
         with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
             while not self._task.done():
-                self._task.cancel()
+                if guard is None or not guard.guarded:
+                    self._task.cancel()
                 with trio.move_on_after(self.cancel_again_after):
                     await done.wait()
+        if guard is not None and not self._task.done():
+            self._task.cancel()  # the guarded part overran CLOSE_TIMEOUT: cut it after all
 
 
 def _track_amqp_clients(handler: Any) -> list[Any]:
@@ -408,7 +456,7 @@ async def _close_stranded_connections(clients: list[Any]) -> None:
             await connection.close()
 
 
-def _run_ready_handles_together(loop: Any) -> None:
+def _speed_up_loop(loop: Any) -> None:
     """Make ``loop`` (a trio-asyncio loop this backend opened) run ready callbacks in batches.
 
     trio-asyncio 0.16's loop runs one asyncio callback per pass of Trio's scheduler (each
@@ -417,7 +465,12 @@ def _run_ready_handles_together(loop: Any) -> None:
     passes (issue #8, P7). asyncio's own loop runs every callback that is ready when an
     iteration starts; this does the same: after each callback, those already queued run
     in the same pass (callbacks they queue wait for the next pass, so Trio's tasks are
-    never starved). Nothing changes if the loop lacks the internals this relies on.
+    never starved).
+
+    Its ``call_soon`` also checks every callback with ``inspect`` (is it a coroutine
+    function?), which asyncio does in debug mode only: a third of a crossing's cost. Here
+    it skips the check unless the loop is in debug mode. Nothing changes if the loop
+    lacks the internals this relies on.
     """
     one = getattr(loop, "_main_loop_one", None)
     queue = getattr(loop, "_q_recv", None)
@@ -433,6 +486,16 @@ def _run_ready_handles_together(loop: Any) -> None:
                 return
 
     loop._main_loop_one = main_loop_one
+    queue_handle = loop._queue_handle
+    handle_type = asyncio.Handle
+    checked_call_soon = loop.call_soon
+
+    def call_soon(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        if loop._debug:
+            return checked_call_soon(callback, *args, context=context)  # type: ignore[no-any-return]
+        return queue_handle(handle_type(callback, args, loop, context))  # type: ignore[no-any-return]
+
+    loop.call_soon = call_soon
 
 
 # ------------------------------------------------------------------------------- backend
@@ -538,7 +601,7 @@ class AzureServiceBus:
             loop = trio_asyncio.current_loop.get()
             if loop is None:
                 loop = await stack.enter_async_context(trio_asyncio.open_loop())
-                _run_ready_handles_together(loop)
+                _speed_up_loop(loop)
             self._loop = loop
             self._client = await self._call(self._make_client)
             stack.push_async_callback(self._close_everything)
