@@ -793,10 +793,16 @@ class AzureServiceBus:
 
 
 async def _settle_all(
-    receiver: ServiceBusReceiver, settlements: Sequence[tuple[Settlement, Any]]
+    receiver: ServiceBusReceiver,
+    settlements: Sequence[tuple[Settlement, Any]],
+    results: list[BaseException | None] | None = None,
 ) -> list[BaseException | None]:
-    """Settle several messages in one bridge crossing (runs in asyncio)."""
-    results: list[BaseException | None] = []
+    """Settle several messages in one bridge crossing (runs in asyncio).
+
+    Each result is appended to ``results`` (a new list if None) as soon as it is known.
+    """
+    if results is None:
+        results = []
     for settlement, raw in settlements:
         try:
             with _translate_sdk_errors():
@@ -817,6 +823,53 @@ async def _settle_all(
         else:
             results.append(None)
     return results
+
+
+async def _settle_then_receive(
+    guard: _Guard,
+    receiver: ServiceBusReceiver,
+    settlements: Sequence[tuple[Settlement, Any]],
+    on_settled: Callable[[list[BaseException | None]], None],
+    max_count: int,
+) -> tuple[list[BaseException | None], list[Any] | None, BaseException | None]:
+    """Settle, report the results, then receive, in one crossing (runs in asyncio).
+
+    Returns the results, the batch (None when the receive was skipped or cut short),
+    and what ``on_settled`` raised. The settlements run guarded (see `_Guard`); the
+    receive does not, and its cancellation (a preemption, or the caller's) ends the call
+    with no batch, since the settlements are done and reported.
+    """
+    results: list[BaseException | None] = []
+    try:
+        await _settle_all(receiver, settlements, results)
+    finally:
+        guard.guarded = False
+        if len(results) < len(settlements):  # cut after CLOSE_TIMEOUT (see _Call._stop)
+            results.extend(
+                ServiceBusConnectionError("the settlement was cut short by a cancellation")
+                for _ in range(len(settlements) - len(results))
+            )
+        try:
+            on_settled(results)
+        except Exception as exc:
+            callback_error: BaseException | None = exc
+        else:
+            callback_error = None
+    if (
+        callback_error is not None
+        or guard.stop_requested
+        or any(isinstance(error, SessionLockLostError) for error in results)
+    ):
+        return results, None, callback_error
+    try:
+        batch = await receiver.receive_messages(
+            max_message_count=max_count, max_wait_time=RECEIVE_SLICE
+        )
+    # The task ends right here, so nothing above it waits for this cancellation to
+    # propagate: the settlements are done and must not be lost with it.
+    except asyncio.CancelledError:  # noqa: ASYNC103
+        return results, None, None  # noqa: ASYNC104
+    return results, batch, None
 
 
 @final
@@ -933,6 +986,87 @@ class AzureSessionLink(SingleSettlements):
                 self._lost(error)
                 break
         return results
+
+    async def settle_and_receive(
+        self,
+        settlements: Sequence[Settlement],
+        on_settled: Callable[[list[BaseException | None]], None],
+        max_count: int,
+    ) -> list[ReceivedMessage]:
+        """Apply settlements in order, then wait for messages as `receive`, in one crossing.
+
+        ``on_settled(results)`` is called exactly once, synchronously in the Trio thread
+        (inside the backend's asyncio loop, so it must not block or await), as soon as
+        the settlements are done and before the wait for messages; ``results`` are as
+        `settle` returns them. An exception it raises skips the receive and is raised here.
+
+        The settlements cannot be preempted: a call that comes for the link meanwhile
+        waits for them, then cuts the receive short (which carries on as `receive` does,
+        after it). **Cancellation** before the settlements are done does not stop them:
+        they complete (within `CLOSE_TIMEOUT`), ``on_settled`` is called, then
+        `trio.Cancelled` is raised; cancellation during the receive is as in `receive`.
+
+        Raises:
+            SessionLockLostError: a settlement found the lock lost (that same error),
+                or the receive did.
+            trio.ClosedResourceError: the link is closed (nothing was settled, and
+                ``on_settled`` is not called).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+        pairs = [(settlement, settlement.message.raw) for settlement in settlements]
+        if self._receiving is not None:
+            self._receiving.preempt()
+        self._waiting += 1
+        try:
+            # The settlements must be applied even if we are cancelled while waiting
+            # our turn: the wait is for another call on this link, cut short above.
+            with trio.CancelScope(
+                shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT
+            ) as waited:
+                await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        if waited.cancelled_caught:
+            error = ServiceBusConnectionError(
+                f"another call held session {self._session_id!r} for {CLOSE_TIMEOUT} s"
+            )
+            on_settled([error] * len(pairs))
+            raise error
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+            guard = _Guard()
+            if self._waiting:
+                guard.stop_requested = True  # another call queued first: settle only
+            call = self._receiving = self._backend._start(
+                _settle_then_receive, guard, self._receiver, pairs, on_settled, max_count
+            )
+            call.guard = guard
+            call.cancel_again_after = _CANCEL_RECEIVE_AGAIN_AFTER
+            try:
+                with _translate_sdk_errors():
+                    results, batch, callback_error = await call.result()
+            except _Preempted:  # pragma: no cover - only when the settlements overran
+                raise ServiceBusConnectionError(
+                    f"settling on session {self._session_id!r} was cut short"
+                ) from None
+            except SessionLockLostError as exc:
+                self._lost(exc)
+                raise
+            finally:
+                self._receiving = None
+        finally:
+            self._lock.release()
+        if callback_error is not None:
+            raise callback_error
+        for error in results:
+            if isinstance(error, SessionLockLostError):
+                self._lost(error)
+                raise error
+        if batch:
+            return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
+        return await self.receive(max_count)  # preempted, or a slice with no message
 
     async def _settle_single(self, settlement: Settlement) -> None:
         (error,) = await self.settle([settlement])
