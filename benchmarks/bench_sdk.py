@@ -17,8 +17,9 @@ Three kinds of process, side by side in one run:
   it splits P7 into what trio-asyncio's loop costs the SDK and what the manager adds;
 * the **manager** (``--worker manager``): `open_session_manager` on `AzureServiceBus`
   with a no-op handler, auto-complete, ``max_concurrent_sessions = S`` and the same
-  prefetch. The process counts, by wrapping `AzureSessionLink.settle` and the bridge
-  (`_Call`), the settlements per crossing, the crossings per message and how often a
+  prefetch. The process counts, by wrapping `AzureSessionLink.settle`, ``receive``,
+  ``settle_and_receive`` and the bridge (`_Call`), the settlements per crossing, the
+  crossings per message, the settlements carried on a receive crossing and how often a
   settlement preempts a pending receive; then it measures the bridge itself (below).
 
 Each round loads S sessions x M messages (interleaved) with the sync SDK, then runs one
@@ -33,7 +34,13 @@ The bridge, in the manager's process after its run, with a fake SDK receiver who
   directly inside asyncio;
 * a settlement batch: `AzureSessionLink.settle` of k completions (k = the settlements
   per crossing the manager run saw, rounded), less ``_settle_all`` of the same k awaited
-  directly inside asyncio; P6 is that per settlement.
+  directly inside asyncio;
+* a carried settlement: `AzureSessionLink.settle_and_receive` of those k completions
+  and a receive, less a plain ``receive`` and less the k completions in asyncio, per
+  settlement: what a settlement adds to the receive crossing that carries it.
+
+P6 is amortised over the run's settlements as the manager made them: those carried on
+a receive at the carried cost, the others at the settle-batch cost per settlement.
 
 Goals (issue #8)::
 
