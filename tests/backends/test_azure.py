@@ -573,3 +573,25 @@ async def test_settle_and_receive_is_preempted_by_a_renewal(
             await sb.send(Q, Message("b", session_id="s"))
     assert [m.text() for m in got] == ["b"]
     assert [m.message_id for m in emulator.broker.completed_messages(Q)] == [first.message_id]
+
+
+async def test_settle_and_receive_until_a_deadline(emulator: Emulator) -> None:
+    """With no message before the deadline, the call settles, then returns an empty list."""
+    reports: list[list[BaseException | None]] = []
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, Message("a", session_id="s"))
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        (first,) = await link.receive(1)
+        deadline = trio.current_time() + 0.2
+        with trio.fail_after(10):
+            got = await link.settle_and_receive([Complete(first)], reports.append, 1, deadline)
+        assert got == []
+        assert trio.current_time() >= deadline
+        assert reports == [[None]]
+        assert emulator.broker.active_message_count(Q) == 0
+        await sb.send(Q, Message("b", session_id="s"))
+        with trio.fail_after(10):
+            (second,) = await link.settle_and_receive(
+                [], reports.append, 1, trio.current_time() + 5
+            )
+        assert second.text() == "b"  # the link is as usable as before

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib
+import math
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, final
@@ -831,6 +832,7 @@ async def _settle_then_receive(
     settlements: Sequence[tuple[Settlement, Any]],
     on_settled: Callable[[list[BaseException | None]], None],
     max_count: int,
+    deadline: float,
 ) -> tuple[list[BaseException | None], list[Any] | None, BaseException | None]:
     """Settle, report the results, then receive, in one crossing (runs in asyncio).
 
@@ -860,10 +862,11 @@ async def _settle_then_receive(
     for error in results:
         if isinstance(error, SessionLockLostError):
             return results, None, None
+    wait = min(RECEIVE_SLICE, deadline - trio.current_time())  # the loop runs in Trio
+    if wait <= 0:
+        return results, [], None
     try:
-        batch = await receiver.receive_messages(
-            max_message_count=max_count, max_wait_time=RECEIVE_SLICE
-        )
+        batch = await receiver.receive_messages(max_message_count=max_count, max_wait_time=wait)
     # The task ends right here, so nothing above it waits for this cancellation to
     # propagate: the settlements are done and must not be lost with it.
     except asyncio.CancelledError:  # noqa: ASYNC103
@@ -960,10 +963,18 @@ class AzureSessionLink(SingleSettlements):
         the SDK after the cancellation is released back to the session (prefetch 0) or
         kept in the SDK's buffer for the next receive.
         """
+        return await self._receive(max_count, math.inf)
+
+    async def _receive(self, max_count: int, deadline: float) -> list[ReceivedMessage]:
+        """`receive`, or an empty list once the Trio-clock ``deadline`` has passed."""
         first = True
         while True:
             if self._closed:
                 raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+            wait = min(RECEIVE_SLICE, deadline - trio.current_time())
+            if wait <= 0:
+                await trio.lowlevel.checkpoint()
+                return []
             if first:  # uncontended, no checkpoint (see _acquire); the crossing is one
                 first = False
                 try:
@@ -978,7 +989,7 @@ class AzureSessionLink(SingleSettlements):
                 call = self._receiving = self._backend._start(
                     self._receiver.receive_messages,
                     max_message_count=max_count,
-                    max_wait_time=RECEIVE_SLICE,
+                    max_wait_time=wait,
                 )
                 # A receive has no cleanup worth waiting for, and the lock renewal may be
                 # the call waiting behind it: a swallowed cancellation is sent again soon.
@@ -1013,8 +1024,12 @@ class AzureSessionLink(SingleSettlements):
         settlements: Sequence[Settlement],
         on_settled: Callable[[list[BaseException | None]], None],
         max_count: int,
+        deadline: float = math.inf,
     ) -> list[ReceivedMessage]:
         """Apply settlements in order, then wait for messages as `receive`, in one crossing.
+
+        The wait ends at the Trio-clock ``deadline`` (the SDK's receive waits no longer
+        than it), with an empty list.
 
         ``on_settled(results)`` is called exactly once, synchronously in the Trio thread
         (inside the backend's asyncio loop, so it must not block or await), as soon as
@@ -1063,7 +1078,13 @@ class AzureSessionLink(SingleSettlements):
             if self._waiting:
                 guard.stop_requested = True  # another call queued first: settle only
             call = self._receiving = self._backend._start(
-                _settle_then_receive, guard, self._receiver, pairs, on_settled, max_count
+                _settle_then_receive,
+                guard,
+                self._receiver,
+                pairs,
+                on_settled,
+                max_count,
+                deadline,
             )
             call.guard = guard
             call.cancel_again_after = _CANCEL_RECEIVE_AGAIN_AFTER
@@ -1089,7 +1110,8 @@ class AzureSessionLink(SingleSettlements):
                 raise error
         if batch:
             return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
-        return await self.receive(max_count)  # preempted, or a slice with no message
+        # Preempted, or a slice with no message: carry on as receive does.
+        return await self._receive(max_count, deadline)
 
     async def _settle_single(self, settlement: Settlement) -> None:
         (error,) = await self.settle([settlement])
