@@ -204,7 +204,9 @@ def manager_worker(args: argparse.Namespace) -> dict[str, Any]:
         counts["receive_calls"] += 1
         return await link_receive(self, max_count)
 
-    async def combined(self: Any, settlements: Any, on_settled: Any, max_count: int) -> Any:
+    async def combined(
+        self: Any, settlements: Any, on_settled: Any, max_count: int, *rest: Any
+    ) -> Any:
         assert link_combined is not None
         counts["combined_calls"] += 1
         counts["combined_settlements"] += len(settlements)
@@ -214,7 +216,7 @@ def manager_worker(args: argparse.Namespace) -> dict[str, Any]:
             settled(len(settlements))
 
         # Not through `receive` (the wrapper above): its fallback is not a receive call.
-        return await link_combined(self, settlements, counted, max_count)
+        return await link_combined(self, settlements, counted, max_count, *rest)
 
     def init(self: Any, *a: Any, **k: Any) -> None:
         counts["crossings"] += 1
