@@ -36,7 +36,8 @@ from trio_sessions import (
     SessionManagerOptions,
     open_session_manager,
 )
-from trio_sessions._messages import EntityPath
+from trio_sessions._messages import Complete, EntityPath
+from trio_sessions.backends import _azure
 from trio_sessions.backends._azure import _body_bytes, _property_value, parse_connection_string
 from trio_sessions.emulator import Emulator, serve_emulator
 
@@ -461,3 +462,136 @@ async def test_send_rejects_what_is_not_a_message(emulator: Emulator) -> None:
         with pytest.raises(MessageSizeExceededError):
             await sb.send(Q, Message(b"x" * 300_000, session_id="s"))
     assert emulator.broker.active_message_count(Q) == 0
+
+
+# ------------------------------------------------------------------- settle_and_receive
+
+
+async def test_settle_and_receive_reports_before_it_waits(emulator: Emulator) -> None:
+    """One call settles, reports the results while the receive still waits, then receives."""
+    reports: list[tuple[list[BaseException | None], int]] = []
+    settled = trio.Event()
+
+    def on_settled(results: list[BaseException | None]) -> None:
+        reports.append((results, emulator.broker.active_message_count(Q)))
+        settled.set()
+
+    got: list[ReceivedMessage] = []
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, Message("a", session_id="s"))
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        (first,) = await link.receive(1)
+
+        async def settle_and_receive() -> None:
+            got.extend(await link.settle_and_receive([Complete(first)], on_settled, 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(settle_and_receive)
+            with trio.fail_after(10):
+                await settled.wait()
+            assert got == []  # still waiting for a message
+            await sb.send(Q, Message("b", session_id="s"))
+        assert reports == [([None], 0)]
+        assert [m.text() for m in got] == ["b"]
+        # With nothing to settle it is a receive; on_settled still hears of it.
+        await sb.send(Q, Message("c", session_id="s"))
+        (third,) = await link.settle_and_receive([], on_settled, 1)
+        assert third.text() == "c"
+        assert reports[-1] == ([], 2)
+
+
+async def test_settle_and_receive_cancelled(emulator: Emulator) -> None:
+    """A cancellation before the settlement is done lets it finish, then raises Cancelled;
+    one during the receive cuts it at once. Either way the link stays usable."""
+    reports: list[list[BaseException | None]] = []
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, [Message(f"{i}", session_id="s") for i in range(3)])
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        (first,) = await link.receive(1)
+        with trio.CancelScope() as scope:
+            scope.cancel()  # before the call even starts
+            await link.settle_and_receive([Complete(first)], reports.append, 1)
+        assert scope.cancelled_caught
+        assert reports == [[None]]
+        assert [m.message_id for m in emulator.broker.completed_messages(Q)] == [first.message_id]
+        (second,) = await link.receive(1)
+
+        def cancel_at_once(results: list[BaseException | None]) -> None:
+            reports.append(results)
+            cut.cancel()  # the receive has not begun: it must not wait
+
+        with trio.fail_after(10), trio.CancelScope() as cut:
+            await link.settle_and_receive([Complete(second)], cancel_at_once, 1)
+        assert cut.cancelled_caught
+        assert reports == [[None], [None]]
+        assert len(emulator.broker.completed_messages(Q)) == 2
+        (third,) = await link.receive(1)
+        await link.complete(third)
+        await link.aclose()
+    assert emulator.broker.active_message_count(Q) == 0
+
+
+async def test_settle_and_receive_lock_lost(emulator: Emulator) -> None:
+    """A settlement that finds the session lock gone makes the call raise it too."""
+    reports: list[list[BaseException | None]] = []
+    lost: list[SessionLockLostError] = []
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, [Message("a", session_id="s"), Message("b", session_id="s")])
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        link.on_lock_lost(lost.append)
+        (first,) = await link.receive(1)
+        emulator.broker.expire_session_lock(Q, "s")
+        with trio.fail_after(10), pytest.raises(SessionLockLostError) as caught:
+            await link.settle_and_receive([Complete(first)], reports.append, 1)
+    assert reports == [[caught.value]]
+    assert lost == [caught.value]
+
+
+async def test_settle_and_receive_is_preempted_by_a_renewal(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal while the combined call waits for messages goes first (the receive is cut,
+    not waited out), and the call then carries on receiving."""
+    monkeypatch.setattr(_azure, "RECEIVE_SLICE", 60.0)  # unpreempted, a renewal waits 60 s
+    settled = trio.Event()
+    got: list[ReceivedMessage] = []
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, Message("a", session_id="s"))
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        (first,) = await link.receive(1)
+
+        async def settle_and_receive() -> None:
+            got.extend(await link.settle_and_receive([Complete(first)], lambda _: settled.set(), 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(settle_and_receive)
+            with trio.fail_after(20):
+                await settled.wait()
+                before = link.locked_until
+                assert await link.renew_lock() >= before
+            assert got == []
+            await sb.send(Q, Message("b", session_id="s"))
+    assert [m.text() for m in got] == ["b"]
+    assert [m.message_id for m in emulator.broker.completed_messages(Q)] == [first.message_id]
+
+
+async def test_settle_and_receive_until_a_deadline(emulator: Emulator) -> None:
+    """With no message before the deadline, the call settles, then returns an empty list."""
+    reports: list[list[BaseException | None]] = []
+    async with AzureServiceBus.from_connection_string(emulator.connection_string) as sb:
+        await sb.send(Q, Message("a", session_id="s"))
+        link = await sb.accept_session(EntityPath(Q), "s", max_wait_time=5)
+        (first,) = await link.receive(1)
+        deadline = trio.current_time() + 0.2
+        with trio.fail_after(10):
+            got = await link.settle_and_receive([Complete(first)], reports.append, 1, deadline)
+        assert got == []
+        assert trio.current_time() >= deadline
+        assert reports == [[None]]
+        assert emulator.broker.active_message_count(Q) == 0
+        await sb.send(Q, Message("b", session_id="s"))
+        with trio.fail_after(10):
+            (second,) = await link.settle_and_receive(
+                [], reports.append, 1, trio.current_time() + 5
+            )
+        assert second.text() == "b"  # the link is as usable as before

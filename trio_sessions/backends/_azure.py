@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib
+import math
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, final
@@ -323,11 +324,26 @@ class _Preempted(Exception):
     """A preemptible SDK call was stopped early to let another call on its receiver in."""
 
 
+class _Guard:
+    """What a call's coroutine and its `_Call` share while part of the call must not be cut.
+
+    While ``guarded`` is true, a preemption or a cancellation does not cancel the task:
+    it sets ``stop_requested`` and waits (within `CLOSE_TIMEOUT`); the coroutine reads
+    ``stop_requested`` when it leaves the guarded part and ends early by itself.
+    """
+
+    __slots__ = ("guarded", "stop_requested")
+
+    def __init__(self) -> None:
+        self.guarded = True
+        self.stop_requested = False
+
+
 @final
 class _Call(Generic[T]):
     """One asyncio task in the backend's loop, awaited from Trio: the bridge crossing.
 
-    This is trio-asyncio's ``aio_as_trio`` with two differences:
+    This is trio-asyncio's ``aio_as_trio`` with three differences:
 
     - **Cancellation** is sent again until the task ends (within `CLOSE_TIMEOUT`): the
       SDK awaits ``asyncio.wait_for`` everywhere, and on Python 3.11 ``wait_for`` can
@@ -336,25 +352,52 @@ class _Call(Generic[T]):
     - **Preemption**: `preempt` stops a waiting call (a receive) early so that another
       call on the same receiver can go first; `result` then raises `_Preempted`, unless
       the task finished anyway, in which case its result is kept (nothing is dropped).
+      A call with a `_Guard` is neither preempted nor cancelled while guarded.
+    - **Cost** (issue #8, P6): the coroutine wakes the waiting Trio task itself when it
+      ends (no done callback, which asyncio would schedule as one more loop callback,
+      and no `trio.Event`); the task is made by the loop directly.
     """
 
-    #: How long a cancelled task may go on before it is cancelled again.
-    cancel_again_after = _CANCEL_AGAIN_AFTER
+    __slots__ = ("_task", "_waiter", "_woken", "cancel_again_after", "guard")
 
     def __init__(self, loop: Any, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs):
-        async def call() -> T:
-            return await fn(*args, **kwargs)
+        #: How long a cancelled task may go on before it is cancelled again.
+        self.cancel_again_after = _CANCEL_AGAIN_AFTER
+        self.guard: _Guard | None = None
+        self._waiter: trio.lowlevel.Task | None = None
+        self._woken = False
+        self._task: asyncio.Task[T] = loop.create_task(self._run(fn, args, kwargs))
 
-        self._wake = trio.Event()
-        self._task: asyncio.Future[T] = asyncio.ensure_future(call(), loop=loop)
-        self._task.add_done_callback(lambda _: self._wake.set())
+    async def _run(self, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            # Runs inside the loop's Trio task, in the same thread: the waiter wakes as
+            # soon as this step of the asyncio task (which sets its result) is over.
+            self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def preempt(self) -> None:
-        self._wake.set()
+        if self.guard is not None:
+            self.guard.stop_requested = True
+        self._wake()
 
     async def result(self) -> T:
         try:
-            await self._wake.wait()
+            if self._woken:
+                await trio.lowlevel.checkpoint()
+            else:
+                self._waiter = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
         except trio.Cancelled:
             await self._stop()  # noqa: ASYNC102 - _stop shields itself, with a deadline
             if self._task.done() and not self._task.cancelled():
@@ -373,13 +416,19 @@ class _Call(Generic[T]):
         return self._task.result()
 
     async def _stop(self) -> None:
+        guard = self.guard
+        if guard is not None:
+            guard.stop_requested = True
         done = trio.Event()
         self._task.add_done_callback(lambda _: done.set())
         with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
             while not self._task.done():
-                self._task.cancel()
+                if guard is None or not guard.guarded:
+                    self._task.cancel()
                 with trio.move_on_after(self.cancel_again_after):
                     await done.wait()
+        if guard is not None and not self._task.done():
+            self._task.cancel()  # the guarded part overran CLOSE_TIMEOUT: cut it after all
 
 
 def _track_amqp_clients(handler: Any) -> list[Any]:
@@ -408,7 +457,7 @@ async def _close_stranded_connections(clients: list[Any]) -> None:
             await connection.close()
 
 
-def _run_ready_handles_together(loop: Any) -> None:
+def _speed_up_loop(loop: Any) -> None:
     """Make ``loop`` (a trio-asyncio loop this backend opened) run ready callbacks in batches.
 
     trio-asyncio 0.16's loop runs one asyncio callback per pass of Trio's scheduler (each
@@ -417,7 +466,12 @@ def _run_ready_handles_together(loop: Any) -> None:
     passes (issue #8, P7). asyncio's own loop runs every callback that is ready when an
     iteration starts; this does the same: after each callback, those already queued run
     in the same pass (callbacks they queue wait for the next pass, so Trio's tasks are
-    never starved). Nothing changes if the loop lacks the internals this relies on.
+    never starved).
+
+    Its ``call_soon`` also checks every callback with ``inspect`` (is it a coroutine
+    function?), which asyncio does in debug mode only: a third of a crossing's cost. Here
+    it skips the check unless the loop is in debug mode. Nothing changes if the loop
+    lacks the internals this relies on.
     """
     one = getattr(loop, "_main_loop_one", None)
     queue = getattr(loop, "_q_recv", None)
@@ -433,6 +487,16 @@ def _run_ready_handles_together(loop: Any) -> None:
                 return
 
     loop._main_loop_one = main_loop_one
+    queue_handle = loop._queue_handle
+    handle_type = asyncio.Handle
+    checked_call_soon = loop.call_soon
+
+    def call_soon(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        if loop._debug:
+            return checked_call_soon(callback, *args, context=context)  # type: ignore[no-any-return]
+        return queue_handle(handle_type(callback, args, loop, context))  # type: ignore[no-any-return]
+
+    loop.call_soon = call_soon
 
 
 # ------------------------------------------------------------------------------- backend
@@ -538,7 +602,7 @@ class AzureServiceBus:
             loop = trio_asyncio.current_loop.get()
             if loop is None:
                 loop = await stack.enter_async_context(trio_asyncio.open_loop())
-                _run_ready_handles_together(loop)
+                _speed_up_loop(loop)
             self._loop = loop
             self._client = await self._call(self._make_client)
             stack.push_async_callback(self._close_everything)
@@ -730,10 +794,16 @@ class AzureServiceBus:
 
 
 async def _settle_all(
-    receiver: ServiceBusReceiver, settlements: Sequence[tuple[Settlement, Any]]
+    receiver: ServiceBusReceiver,
+    settlements: Sequence[tuple[Settlement, Any]],
+    results: list[BaseException | None] | None = None,
 ) -> list[BaseException | None]:
-    """Settle several messages in one bridge crossing (runs in asyncio)."""
-    results: list[BaseException | None] = []
+    """Settle several messages in one bridge crossing (runs in asyncio).
+
+    Each result is appended to ``results`` (a new list if None) as soon as it is known.
+    """
+    if results is None:
+        results = []
     for settlement, raw in settlements:
         try:
             with _translate_sdk_errors():
@@ -754,6 +824,54 @@ async def _settle_all(
         else:
             results.append(None)
     return results
+
+
+async def _settle_then_receive(
+    guard: _Guard,
+    receiver: ServiceBusReceiver,
+    settlements: Sequence[tuple[Settlement, Any]],
+    on_settled: Callable[[list[BaseException | None]], None],
+    max_count: int,
+    deadline: float,
+) -> tuple[list[BaseException | None], list[Any] | None, BaseException | None]:
+    """Settle, report the results, then receive, in one crossing (runs in asyncio).
+
+    Returns the results, the batch (None when the receive was skipped or cut short),
+    and what ``on_settled`` raised. The settlements run guarded (see `_Guard`); the
+    receive does not, and its cancellation (a preemption, or the caller's) ends the call
+    with no batch, since the settlements are done and reported.
+    """
+    results: list[BaseException | None] = []
+    try:
+        await _settle_all(receiver, settlements, results)
+    finally:
+        guard.guarded = False
+        if len(results) < len(settlements):  # cut after CLOSE_TIMEOUT (see _Call._stop)
+            results.extend(
+                ServiceBusConnectionError("the settlement was cut short by a cancellation")
+                for _ in range(len(settlements) - len(results))
+            )
+        try:
+            on_settled(results)
+        except Exception as exc:
+            callback_error: BaseException | None = exc
+        else:
+            callback_error = None
+    if callback_error is not None or guard.stop_requested:
+        return results, None, callback_error
+    for error in results:
+        if isinstance(error, SessionLockLostError):
+            return results, None, None
+    wait = min(RECEIVE_SLICE, deadline - trio.current_time())  # the loop runs in Trio
+    if wait <= 0:
+        return results, [], None
+    try:
+        batch = await receiver.receive_messages(max_message_count=max_count, max_wait_time=wait)
+    # The task ends right here, so nothing above it waits for this cancellation to
+    # propagate: the settlements are done and must not be lost with it.
+    except asyncio.CancelledError:  # noqa: ASYNC103
+        return results, None, None  # noqa: ASYNC104
+    return results, batch, None
 
 
 @final
@@ -799,6 +917,21 @@ class AzureSessionLink(SingleSettlements):
         if callback is not None:
             callback(error)
 
+    async def _acquire(self) -> None:
+        """Take the lock, as a call other than a receive (which gives way to these).
+
+        Uncontended, without `trio.Lock.acquire`'s checkpoint: the crossing that follows
+        is one, and a scheduler pass per crossing is a fifth of its cost (issue #8, P6).
+        """
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            self._waiting += 1
+            try:
+                await self._lock.acquire()
+            finally:
+                self._waiting -= 1
+
     async def _sdk(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """One SDK call on this receiver, alone on it (the lock), through the chokepoint.
 
@@ -808,11 +941,7 @@ class AzureSessionLink(SingleSettlements):
             raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
         if self._receiving is not None:
             self._receiving.preempt()
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
+        await self._acquire()
         try:
             try:
                 return await self._backend._call(fn, *args, **kwargs)
@@ -834,16 +963,33 @@ class AzureSessionLink(SingleSettlements):
         the SDK after the cancellation is released back to the session (prefetch 0) or
         kept in the SDK's buffer for the next receive.
         """
+        return await self._receive(max_count, math.inf)
+
+    async def _receive(self, max_count: int, deadline: float) -> list[ReceivedMessage]:
+        """`receive`, or an empty list once the Trio-clock ``deadline`` has passed."""
+        first = True
         while True:
             if self._closed:
                 raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
-            async with self._lock:
+            wait = min(RECEIVE_SLICE, deadline - trio.current_time())
+            if wait <= 0:
+                await trio.lowlevel.checkpoint()
+                return []
+            if first:  # uncontended, no checkpoint (see _acquire); the crossing is one
+                first = False
+                try:
+                    self._lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._lock.acquire()
+            else:
+                await self._lock.acquire()
+            try:
                 if self._waiting:
                     continue  # another call queued first: let it go (the lock is fair)
                 call = self._receiving = self._backend._start(
                     self._receiver.receive_messages,
                     max_message_count=max_count,
-                    max_wait_time=RECEIVE_SLICE,
+                    max_wait_time=wait,
                 )
                 # A receive has no cleanup worth waiting for, and the lock renewal may be
                 # the call waiting behind it: a swallowed cancellation is sent again soon.
@@ -858,6 +1004,8 @@ class AzureSessionLink(SingleSettlements):
                     raise
                 finally:
                     self._receiving = None
+            finally:
+                self._lock.release()
             if batch:
                 return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
 
@@ -870,6 +1018,100 @@ class AzureSessionLink(SingleSettlements):
                 self._lost(error)
                 break
         return results
+
+    async def settle_and_receive(
+        self,
+        settlements: Sequence[Settlement],
+        on_settled: Callable[[list[BaseException | None]], None],
+        max_count: int,
+        deadline: float = math.inf,
+    ) -> list[ReceivedMessage]:
+        """Apply settlements in order, then wait for messages as `receive`, in one crossing.
+
+        The wait ends at the Trio-clock ``deadline`` (the SDK's receive waits no longer
+        than it), with an empty list.
+
+        ``on_settled(results)`` is called exactly once, synchronously in the Trio thread
+        (inside the backend's asyncio loop, so it must not block or await), as soon as
+        the settlements are done and before the wait for messages; ``results`` are as
+        `settle` returns them. An exception it raises skips the receive and is raised here.
+
+        The settlements cannot be preempted: a call that comes for the link meanwhile
+        waits for them, then cuts the receive short (which carries on as `receive` does,
+        after it). **Cancellation** before the settlements are done does not stop them:
+        they complete (within `CLOSE_TIMEOUT`), ``on_settled`` is called, then
+        `trio.Cancelled` is raised; cancellation during the receive is as in `receive`.
+
+        Raises:
+            SessionLockLostError: a settlement found the lock lost (that same error),
+                or the receive did.
+            trio.ClosedResourceError: the link is closed (nothing was settled, and
+                ``on_settled`` is not called).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+        pairs = [(settlement, settlement.message.raw) for settlement in settlements]
+        if self._receiving is not None:
+            self._receiving.preempt()
+        try:
+            self._lock.acquire_nowait()  # uncontended, no checkpoint (see _acquire)
+        except trio.WouldBlock:
+            # The settlements must be applied even if we are cancelled while waiting
+            # our turn: the wait is for another call on this link, cut short above.
+            with trio.CancelScope(
+                shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT
+            ) as waited:
+                await self._acquire()
+            late = waited.cancelled_caught
+        else:
+            late = False
+        if late:
+            error = ServiceBusConnectionError(
+                f"another call held session {self._session_id!r} for {CLOSE_TIMEOUT} s"
+            )
+            on_settled([error] * len(pairs))
+            raise error
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError(f"session {self._session_id!r} is closed")
+            guard = _Guard()
+            if self._waiting:
+                guard.stop_requested = True  # another call queued first: settle only
+            call = self._receiving = self._backend._start(
+                _settle_then_receive,
+                guard,
+                self._receiver,
+                pairs,
+                on_settled,
+                max_count,
+                deadline,
+            )
+            call.guard = guard
+            call.cancel_again_after = _CANCEL_RECEIVE_AGAIN_AFTER
+            try:
+                with _translate_sdk_errors():
+                    results, batch, callback_error = await call.result()
+            except _Preempted:  # pragma: no cover - only when the settlements overran
+                raise ServiceBusConnectionError(
+                    f"settling on session {self._session_id!r} was cut short"
+                ) from None
+            except SessionLockLostError as exc:
+                self._lost(exc)
+                raise
+            finally:
+                self._receiving = None
+        finally:
+            self._lock.release()
+        if callback_error is not None:
+            raise callback_error
+        for error in results:
+            if isinstance(error, SessionLockLostError):
+                self._lost(error)
+                raise error
+        if batch:
+            return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
+        # Preempted, or a slice with no message: carry on as receive does.
+        return await self._receive(max_count, deadline)
 
     async def _settle_single(self, settlement: Settlement) -> None:
         (error,) = await self.settle([settlement])
