@@ -7,14 +7,15 @@
     actor task ── work scope (deadline = the earlier of the lock's safe deadline and
                   │  the end of the shutdown grace; which fired is worked out after)
                   ├─ max_concurrent_calls_per_session == 1: the actor task itself
-                  │  receives (the work scope is its idle clock) and runs the handler
+                  │  receives (the idle deadline goes to the link's settle_and_receive,
+                  │  or else the work scope is the idle clock) and runs the handler
                   └─ otherwise: the actor task pumps into a memory channel read by
                      that many long-lived worker tasks
                   then, if there are closing steps, a scope for the lock alone
 
 Only the actor's tasks touch its `SessionLink`; handlers reach it through commands sent
 with ``send_nowait`` over a bounded memory channel. An idle session in the default shape
-holds one task and one cancel scope of its own. Lock loss cancels the lock scope:
+holds one task and one cancel scope of its own. Lock loss cancels the work scope:
 handlers are cancelled (Trio cancellation, no token to check) and nothing more is
 settled on that lock.
 """
