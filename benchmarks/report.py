@@ -117,10 +117,13 @@ def _measured(key: str, documents: dict[str, dict[str, Any]]) -> str:
         if key == "P6":
             bridge = figures["bridge"]
             return (
-                f"crossing {bridge['crossing_cpu_us']:.1f} µs CPU; settle batch of "
-                f"{bridge['settlements_per_batch']} {bridge['settle_overhead_cpu_us_per_batch']:.1f}"
-                f" µs over the direct await; {observed['settlements_per_crossing']:.2f} "
-                "settlements per crossing in the manager run"
+                f"{observed['settlements_carried_on_a_receive']:.2f} of the settlements "
+                f"carried on a receive crossing, each adding "
+                f"{bridge['carried_overhead_cpu_us_per_settlement']:.1f} µs to it (a combined "
+                f"call {bridge['combined_us']['cpu']:.1f} µs, a plain receive "
+                f"{bridge['receive_us']['cpu']:.1f} µs); a settlement crossing of its own "
+                f"{bridge['settle_overhead_cpu_us_per_settlement']:.1f} µs; "
+                f"{observed['crossings_per_message']:.2f} crossings per message"
             )
         if key == "P7":
             return (
@@ -318,14 +321,17 @@ def _sdk_rows(document: dict[str, Any]) -> list[str]:
     observed, bridge = figures["observed"], figures["bridge"]
     out += [
         "",
-        f"Manager run: {observed['settlements_per_crossing']:.2f} settlements per "
-        f"settlement crossing, {observed['crossings_per_message']:.2f} crossings and "
-        f"{observed['sdk_receives_per_message']:.2f} SDK receives per message (raw SDK "
-        f"{observed['raw_sdk_receives_per_message']:.2f}), "
-        f"{observed['preempted_receives_per_message']:.3f} receives preempted per message. "
+        f"Manager run: {observed['crossings_per_message']:.2f} crossings per message, "
+        f"{observed['settlements_carried_on_a_receive']:.2f} of the settlements carried on "
+        f"a receive's crossing (`settle_and_receive`), "
+        f"{observed['preempted_receives_per_message']:.3f} receives preempted per message "
+        f"(raw SDK: {observed['raw_sdk_receives_per_message']:.2f} SDK receives per message). "
         f"Bridge: a `_Call` round trip {bridge['call_us']['cpu']:.1f} µs CPU "
-        f"(a direct await {bridge['direct_call_us']['cpu']:.2f} µs); `settle` of "
-        f"{bridge['settlements_per_batch']} {bridge['settle_batch_us']['cpu']:.1f} µs "
+        f"(a direct await {bridge['direct_call_us']['cpu']:.2f} µs); a plain receive "
+        f"{bridge['receive_us']['cpu']:.1f} µs and one carrying a settlement "
+        f"{bridge['combined_us']['cpu']:.1f} µs through the link; `settle` of "
+        f"{bridge['settlements_per_batch']} in its own crossing "
+        f"{bridge['settle_batch_us']['cpu']:.1f} µs "
         f"(`_settle_all` awaited directly {bridge['direct_settle_batch_us']['cpu']:.1f} µs); "
         f"the crossings cost {ratios['bridge_cpu_us_per_message']:.0f} µs CPU per message "
         f"of the manager's {ratios['manager_extra_cpu_us_per_message']:.0f} µs over the raw "
