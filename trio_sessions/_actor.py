@@ -300,6 +300,16 @@ class SessionActor:
 
     def _set_lock_deadline(self, deadline: float) -> None:
         """Move the lock deadline (on renewal) on whichever scope guards the lock now."""
+        if self._lock_lost is None and trio.current_time() >= self._lock_deadline:
+            # The renewal came after the lock's safe deadline: the scope guarding the
+            # lock has fired (or fires now) for it, and that stays a lock loss, even
+            # though the deadline moves on (run() could no longer tell the cause).
+            self._note_lock_lost(
+                SessionLockLostError(
+                    f"the lock of session {self.session_id!r} expired while handlers ran"
+                ),
+                ErrorSource.RENEW_LOCK,
+            )
         self._lock_deadline = deadline
         scope = self._lock_scope
         if scope is not self._grace_scope:  # closing: a scope for the lock alone
@@ -411,6 +421,7 @@ class SessionActor:
         previous, self._current = self._current, None
         if previous is not None:
             await self._auto_settle(previous, Complete(previous))
+            previous = None  # not held through the wait below
         telemetry = self._hooks.telemetry
         if telemetry is not None:
             telemetry.end_iteration(self)
@@ -524,7 +535,7 @@ class SessionActor:
                 for r, error in zip(group, results, strict=True):
                     r.resolve(error=error)
                 # After resolving: the waiting caller wakes with the error itself, and
-                # the lock scope's cancellation reaches it at its next checkpoint.
+                # the work scope's cancellation reaches it at its next checkpoint.
                 self._count_settled(settlements, results)
                 i = j
                 continue
@@ -583,8 +594,8 @@ class SessionActor:
             self._note_lock_lost(exc, ErrorSource.RENEW_LOCK)
             self._timer_at = math.inf
         except Exception as exc:
-            # Transient (or unknown) failure: try again after a backoff; if the lock
-            # lapses first, the lock scope's deadline turns that into a lock loss.
+            # Transient (or unknown) failure: try again after a backoff; if the lock's
+            # safe deadline passes first, the work scope's deadline makes it a lock loss.
             delay = self._options.retry.delay(self._renew_attempt)
             self._renew_attempt += 1
             self._timer_at = trio.current_time() + delay
@@ -673,7 +684,9 @@ class SessionActor:
 
     async def _abort_lock_lost(self, error: SessionLockLostError, source: ErrorSource) -> NoReturn:
         self._note_lock_lost(error, source)
-        await trio.sleep_forever()  # the lock scope is cancelled: raises Cancelled at once
+        await (
+            trio.sleep_forever()
+        )  # the work (or closing) scope is cancelled: raises Cancelled at once
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- life cycle --------------------------------------------------------------------------
@@ -762,15 +775,17 @@ class SessionActor:
             self._link_closing = True
             if self._locked_until_utc is None:
                 self._locked_until_utc = self._link.locked_until_utc  # while it is ours
+            if self._service_done is not None and not self._service_done.is_set():
+                # Ended by an exception: stop the service task and wait for it, as a
+                # nursery of the actor's own would (its link calls stop within their
+                # own time limits), and only then close the link, with a limit of its own.
+                assert self._service_scope is not None
+                self._service_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await self._service_done.wait()
             with trio.CancelScope(
                 deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True
             ) as close_scope:
-                if self._service_done is not None and not self._service_done.is_set():
-                    # Ended by an exception: stop the service task (as a nursery of the
-                    # actor's own would), and close the link only once it has stopped.
-                    assert self._service_scope is not None
-                    self._service_scope.cancel()
-                    await self._service_done.wait()
                 try:
                     await self._link.aclose()
                 except Exception as exc:
@@ -854,6 +869,7 @@ class SessionActor:
                     if not batch:
                         return
                     self._buffer = batch[::-1]
+                    del batch  # not held through the next wait
                     if self.released():  # released while the batch arrived: given back
                         return
                 await self._handle(self._buffer.pop())
@@ -882,9 +898,11 @@ class SessionActor:
     async def _receive(self, max_count: int, idle: bool) -> list[ReceivedMessage] | None:
         """Receive up to ``max_count`` messages; None when idle or released.
 
-        In the inline loop the idle clock is the grace scope (see `_run_inline`), which
-        raises `trio.Cancelled` out of here when it fires; elsewhere each wait has a
-        scope of its own.
+        With a link that has `settle_and_receive`, the idle deadline is an argument of
+        that call, which returns no message when it passes. Otherwise, in the inline
+        loop the idle clock is the work scope (see `_run_inline`), which raises
+        `trio.Cancelled` out of here when it fires; elsewhere each wait has a scope of
+        its own.
         """
         held = self._idle_scope
         if held is not None:
@@ -902,7 +920,8 @@ class SessionActor:
 
         The idle clock runs only when ``idle`` (nothing in flight or buffered); transient
         errors are reported and retried with backoff, each attempt with a fresh idle
-        deadline. When the idle deadline passes, ``scope`` is cancelled.
+        deadline. When the idle deadline passes, the combined call returns no message
+        (None here), or else ``scope`` is cancelled.
         """
         while not self._draining:
             timeout = self._options.session_idle_timeout if idle else math.inf
@@ -927,11 +946,15 @@ class SessionActor:
             except SessionLockLostError as exc:
                 await self._abort_lock_lost(exc, ErrorSource.RECEIVE)
             except TRANSIENT_ERRORS as exc:
+                if self._is_settle_failure(exc):
+                    return None
                 await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
                 await trio.sleep(self._options.retry.delay(self._receive_attempt))
                 self._receive_attempt += 1
                 continue
             except Exception as exc:
+                if self._is_settle_failure(exc):
+                    return None
                 # Not retryable: report it and give the session back.
                 await self._hooks.report(exc, ErrorSource.RECEIVE, self.session_id, False)
                 self.release("receive failed")
@@ -995,6 +1018,13 @@ class SessionActor:
             self._settle_failure = (error, settlement)
             self.release("settlement failed")
 
+    def _is_settle_failure(self, error: BaseException) -> bool:
+        """Whether a receive raised its carried settlement's error (a link that could not
+        start the call): on_settled has released the session, and run() reports it once,
+        as a settlement error, not again as a receive error."""
+        failure = self._settle_failure
+        return failure is not None and error is failure[0]
+
     async def _settle_auto(self, settlement: Settlement) -> None:
         error: BaseException | None
         if self._settle_inline:
@@ -1014,7 +1044,7 @@ class SessionActor:
             else:
                 error = None
         if isinstance(error, SessionLockLostError):
-            await trio.sleep_forever()  # noted; the lock scope is cancelled
+            await trio.sleep_forever()  # noted; the work scope is cancelled
         elif error is not None:
             await self._hooks.report(error, _settle_source(settlement), self.session_id, False)
             # The message is still locked by us, unsettled: handling the session's next

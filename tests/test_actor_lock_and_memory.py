@@ -1,0 +1,142 @@
+"""Review tests for the issue-#8 actor changes (virtual time, MemoryBroker)."""
+
+from __future__ import annotations
+
+import gc
+
+import trio
+import trio.testing
+
+from trio_sessions import (
+    ErrorContext,
+    MemoryBroker,
+    Message,
+    ReceivedMessage,
+    ServiceBusConnectionError,
+    SessionContext,
+    SessionLockLostError,
+    SessionManagerOptions,
+    open_session_manager,
+)
+from trio_sessions._options import RetryPolicy
+
+Q = "q"
+
+
+async def test_a_renewal_after_the_safe_deadline_is_still_a_lock_loss(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Lock 60 s: renewal due at 50 fails (transient), retried at 55.5; the safe deadline
+    (55) cancels the handler, whose shielded cleanup runs to 56. The retry succeeds during
+    the cleanup and moves the lock deadline: the handler was cancelled by the lock, and
+    that is still reported as a lock loss (not read as an idle close)."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, requires_session=True, lock_duration=60)
+    await broker.send(Q, [Message("m0", session_id="a")])
+    broker.fail_next("renew_lock", ServiceBusConnectionError("flaky"))
+    errors: list[ErrorContext] = []
+    cancelled_at: list[float] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        if message.delivery_count > 1:
+            return
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled_at.append(trio.current_time())
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1)  # cleanup
+            raise
+
+    async def on_error(context: ErrorContext) -> None:
+        errors.append(context)
+
+    options = SessionManagerOptions(
+        session_idle_timeout=1,
+        retry=RetryPolicy(initial_delay=5.5, multiplier=1, jitter=0),
+    )
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        with trio.move_on_after(200):
+            await manager.subscribe(handle, process_error=on_error)
+    assert cancelled_at, "handler was cancelled by the lock's safe deadline"
+    assert any(isinstance(e.error, SessionLockLostError) for e in errors), (
+        "handler cancelled by the lock deadline, but no lock loss was reported"
+    )
+
+
+async def test_an_idle_session_holds_no_settled_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After one message is handled and settled, the session waits idle; the message
+    is not kept alive by the waiting actor (no local of the inline loop holds it)."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, requires_session=True)
+    await broker.send(Q, [Message("m0", session_id="a")])
+    seen: list[int] = []
+    holders: list[str] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        seen.append(id(message))
+
+    async def probe() -> None:
+        await trio.sleep(5)  # the session is idle now (idle timeout 100)
+        gc.collect()
+        for obj in gc.get_objects():
+            if isinstance(obj, ReceivedMessage) and id(obj) in seen:
+                for ref in gc.get_referrers(obj):
+                    if isinstance(ref, list):
+                        for r2 in gc.get_referrers(ref):
+                            if hasattr(r2, "cr_code"):
+                                holders.append(f"list held by coroutine {r2.cr_code.co_name}")
+                    elif hasattr(ref, "cr_code"):
+                        holders.append(f"coroutine {ref.cr_code.co_name}")
+                    else:
+                        holders.append(type(ref).__name__)
+        manager.stop()
+
+    options = SessionManagerOptions(session_idle_timeout=100)
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        async with trio.open_nursery() as n:
+            n.start_soon(probe)
+            await manager.subscribe(handle)
+    assert broker.active_message_count(Q) == 0
+    assert not holders, f"idle session still references its settled message: {holders}"
+
+
+async def test_the_actor_form_holds_no_settled_message_while_waiting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Same for the actor form: next_message holds no settled message through the wait."""
+    broker = MemoryBroker()
+    broker.create_queue(Q, requires_session=True)
+    await broker.send(Q, [Message("m0", session_id="a")])
+    seen: list[int] = []
+    holders: list[str] = []
+
+    async def session(context: SessionContext) -> None:
+        async for message in context:
+            seen.append(id(message))
+            del message
+
+    async def probe() -> None:
+        await trio.sleep(5)
+        gc.collect()
+        for obj in gc.get_objects():
+            if isinstance(obj, ReceivedMessage) and id(obj) in seen:
+                for ref in gc.get_referrers(obj):
+                    if hasattr(ref, "cr_code"):
+                        holders.append(f"coroutine {ref.cr_code.co_name}")
+                    elif isinstance(ref, list):
+                        for r2 in gc.get_referrers(ref):
+                            if type(r2).__name__ == "frame":
+                                holders.append(f"list in frame {r2.f_code.co_name}")
+                    else:
+                        holders.append(type(ref).__name__)
+        manager.stop()
+
+    options = SessionManagerOptions(session_idle_timeout=100)
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        async with trio.open_nursery() as n:
+            n.start_soon(probe)
+            await manager.subscribe_sessions(session)
+    assert not holders, f"idle session still references its settled message: {holders}"
