@@ -1110,7 +1110,9 @@ class AzureSessionLink(SingleSettlements):
                 raise error
         if batch:
             return [_message_from_sdk(m, self._locked_until_utc) for m in batch]
-        # Preempted, or a slice with no message: carry on as receive does.
+        # Preempted, or a slice with no message: carry on as receive does, holding
+        # nothing settled (and no SDK message) through the wait.
+        del settlements, pairs, results, call, batch
         return await self._receive(max_count, deadline)
 
     async def _settle_single(self, settlement: Settlement) -> None:
