@@ -122,7 +122,11 @@ class SettleAndReceive(Protocol):
         `SessionLink.settle` would return. A cancellation that arrives before the
         settlements are done does not stop them: they complete, ``on_settled`` is called,
         and then `trio.Cancelled` is raised. If the call raises before ``on_settled`` was
-        called, no settlement was applied.
+        called, no settlement was applied, with one exception: a backend whose
+        settlement overran its close time-out (`AzureServiceBus`: ``CLOSE_TIMEOUT``,
+        10 s) gives up waiting and raises, and ``on_settled`` may then still be called
+        later, when the settlement ends. The actor copes with both: the carried
+        settlement is forgotten once reported, never applied twice.
         """
         ...
 
