@@ -125,8 +125,7 @@ class SettleAndReceive(Protocol):
         called, no settlement was applied, with one exception: a backend whose
         settlement overran its close time-out (`AzureServiceBus`: ``CLOSE_TIMEOUT``,
         10 s) gives up waiting and raises, and ``on_settled`` may then still be called
-        later, when the settlement ends. The actor copes with both: the carried
-        settlement is forgotten once reported, never applied twice.
+        later, when the settlement ends.
         """
         ...
 
