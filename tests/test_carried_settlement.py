@@ -271,3 +271,37 @@ async def test_memory_link_settles_then_waits_until_the_deadline(
     assert reported == [[None], [], [None]]
     assert broker.active_message_count(Q) == 0
     await link.aclose()
+
+
+async def test_links_without_the_combined_call_keep_the_idle_deadline_across_renewals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Without `settle_and_receive` the work scope is the idle clock: a renewal during the
+    idle wait (at 5 s and 10 s, lock 10 s) moves the lock's deadline and keeps the idle
+    one (12 s after the message), with no lock loss."""
+    broker = _PlainBroker()
+    broker.create_queue(Q, requires_session=True, lock_duration=10)
+    await broker.send(Q, Message("m0", session_id="a"))
+    handled: list[str] = []
+    errors: list[ErrorContext] = []
+    closed_at: list[float] = []
+
+    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+        handled.append(message.text())
+
+    async def on_error(context: ErrorContext) -> None:
+        errors.append(context)
+
+    async def closing(context: SessionContext) -> None:
+        closed_at.append(trio.current_time())
+
+    start = trio.current_time()
+    options = SessionManagerOptions(session_idle_timeout=12)
+    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
+        with trio.move_on_after(20):
+            await manager.subscribe(handle, process_error=on_error, session_closing=closing)
+        stats = manager.stats()
+    assert handled == ["m0"]
+    assert errors == []
+    assert stats.lock_renewals == 2
+    assert closed_at == [pytest.approx(start + 12)]

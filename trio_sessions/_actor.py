@@ -176,6 +176,7 @@ class SessionActor:
         "_peek_lock",
         "_pending",
         "_receive_attempt",
+        "_receive_scope",
         "_renew_attempt",
         "_requests_tx",
         "_service_done",
@@ -186,7 +187,6 @@ class SessionActor:
         "_stop_deadline",
         "_timer_at",
         "_timer_renews",
-        "_waiting",
         "_wake_pump",
         "limiter_token",
     )
@@ -226,8 +226,10 @@ class SessionActor:
         self._grace_scope = trio.CancelScope(deadline=self._grace_deadline)
         # The scope lock loss cancels: the work scope, then one around the closing steps.
         self._lock_scope = self._grace_scope
-        self._waiting: trio.CancelScope | None = None  # see _receive_scope
-        self._idle_deadline = math.inf  # of the work scope's idle wait, while it waits
+        # The scope of the receive now waiting (its deadline is the idle clock), or None.
+        self._receive_scope: trio.CancelScope | None = None
+        # The idle deadline of the wait under that scope (a renewal keeps it).
+        self._idle_deadline = math.inf
         self._idle_scope: trio.CancelScope | None = None
         self._timer_at, self._timer_renews = next_lock_action(
             locked_until, self._lock_duration, self._give_up_renewing_at
@@ -281,23 +283,6 @@ class SessionActor:
             context = self._session_context = SessionContext(self)
         return context
 
-    @property
-    def _receive_scope(self) -> trio.CancelScope | None:
-        """The scope of the receive now waiting (its deadline is the idle clock), or None."""
-        return self._waiting
-
-    @_receive_scope.setter
-    def _receive_scope(self, scope: trio.CancelScope | None) -> None:
-        self._waiting = scope
-        if scope is not None and scope is self._grace_scope and not self._combined:
-            # An idle wait in the work scope, whose deadline now is min(idle deadline,
-            # lock and stop deadlines): note the idle deadline, which a renewal keeps.
-            # (The work scope waits idle only, in the inline loop: nothing is in flight.)
-            deadline = scope.deadline
-            if deadline >= self._grace_deadline:
-                deadline = trio.current_time() + self._options.session_idle_timeout
-            self._idle_deadline = deadline
-
     def _set_lock_deadline(self, deadline: float) -> None:
         """Move the lock deadline (on renewal) on whichever scope guards the lock now."""
         if self._lock_lost is None and trio.current_time() >= self._lock_deadline:
@@ -316,7 +301,7 @@ class SessionActor:
             scope.deadline = deadline
             return
         self._grace_deadline = min(self._stop_deadline, deadline)
-        if self._waiting is scope and not self._combined:
+        if self._receive_scope is scope and not self._combined:
             scope.deadline = min(self._idle_deadline, self._grace_deadline)
         else:
             scope.deadline = self._grace_deadline
@@ -530,13 +515,11 @@ class SessionActor:
                     for r in group:
                         r.resolve(error=exc)
                     raise
-                if logger.isEnabledFor(logging.DEBUG):
-                    self._log_settled(settlements, results)
                 for r, error in zip(group, results, strict=True):
                     r.resolve(error=error)
                 # After resolving: the waiting caller wakes with the error itself, and
                 # the work scope's cancellation reaches it at its next checkpoint.
-                self._count_settled(settlements, results)
+                self._record_settled(settlements, results)
                 i = j
                 continue
             source = ErrorSource.SESSION_STATE
@@ -559,10 +542,13 @@ class SessionActor:
                     self._note_lock_lost(exc, source)
             i += 1
 
-    def _count_settled(
+    def _record_settled(
         self, settlements: Sequence[Settlement], results: Sequence[BaseException | None]
     ) -> None:
-        """Count what the backend settled; note a lost lock found by a settlement."""
+        """Log (at DEBUG) and count what the backend settled; note a lost lock found by a
+        settlement. Every path that settles through the link ends here."""
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log_settled(settlements, results)
         counters = self._hooks.counters
         for settlement, error in zip(settlements, results, strict=True):
             if error is None:
@@ -622,7 +608,7 @@ class SessionActor:
             )
 
     def _log_settled(
-        self, settlements: list[Settlement], results: list[BaseException | None]
+        self, settlements: Sequence[Settlement], results: Sequence[BaseException | None]
     ) -> None:
         for settlement, error in zip(settlements, results, strict=True):
             message = settlement.message
@@ -938,7 +924,8 @@ class SessionActor:
                         trio.current_time() + timeout,
                     )
                 else:
-                    scope.deadline = min(trio.current_time() + timeout, self._grace_deadline)
+                    self._idle_deadline = trio.current_time() + timeout
+                    scope.deadline = min(self._idle_deadline, self._grace_deadline)
                     try:
                         batch = await self._link.receive(max_count)
                     finally:
@@ -1008,9 +995,7 @@ class SessionActor:
             return
         self._pending = None
         settlements = [settlement]
-        if logger.isEnabledFor(logging.DEBUG):
-            self._log_settled(settlements, results)
-        self._count_settled(settlements, results)  # notes a lost lock: cancels the wait
+        self._record_settled(settlements, results)  # notes a lost lock: cancels the wait
         (error,) = results
         if error is not None and not isinstance(error, SessionLockLostError):
             # As in _settle_auto: no later message may run before this one. Reported
@@ -1031,10 +1016,8 @@ class SessionActor:
             # The task that receives settles too: no command, no hop to the service task,
             # no event to wait on (issue #8); the link sees one caller at a time as before.
             results = await self._settle_batch([settlement])
-            if logger.isEnabledFor(logging.DEBUG):
-                self._log_settled([settlement], results)
             (error,) = results
-            self._count_settled([settlement], results)
+            self._record_settled([settlement], results)
         else:
             # Several workers: the service task serialises their settlements, in batches.
             try:
