@@ -23,6 +23,28 @@ from trio_sessions._options import RetryPolicy
 Q = "q"
 
 
+def _holders(ids: list[int]) -> list[str]:
+    """What still refers to the `ReceivedMessage` objects whose ids are given: coroutines
+    and frames, directly or through a list, and any other object by its type."""
+    gc.collect()
+    found: list[str] = []
+    for obj in gc.get_objects():
+        if not (isinstance(obj, ReceivedMessage) and id(obj) in ids):
+            continue
+        for ref in gc.get_referrers(obj):
+            if hasattr(ref, "cr_code"):
+                found.append(f"coroutine {ref.cr_code.co_name}")
+            elif isinstance(ref, list):
+                for holder in gc.get_referrers(ref):
+                    if hasattr(holder, "cr_code"):
+                        found.append(f"list held by coroutine {holder.cr_code.co_name}")
+                    elif type(holder).__name__ == "frame":
+                        found.append(f"list in frame {holder.f_code.co_name}")
+            else:
+                found.append(type(ref).__name__)
+    return found
+
+
 async def test_a_renewal_after_the_safe_deadline_is_still_a_lock_loss(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -80,18 +102,7 @@ async def test_an_idle_session_holds_no_settled_message(
 
     async def probe() -> None:
         await trio.sleep(5)  # the session is idle now (idle timeout 100)
-        gc.collect()
-        for obj in gc.get_objects():
-            if isinstance(obj, ReceivedMessage) and id(obj) in seen:
-                for ref in gc.get_referrers(obj):
-                    if isinstance(ref, list):
-                        for r2 in gc.get_referrers(ref):
-                            if hasattr(r2, "cr_code"):
-                                holders.append(f"list held by coroutine {r2.cr_code.co_name}")
-                    elif hasattr(ref, "cr_code"):
-                        holders.append(f"coroutine {ref.cr_code.co_name}")
-                    else:
-                        holders.append(type(ref).__name__)
+        holders.extend(_holders(seen))
         manager.stop()
 
     options = SessionManagerOptions(session_idle_timeout=100)
@@ -119,19 +130,8 @@ async def test_the_actor_form_holds_no_settled_message_while_waiting(
             del message
 
     async def probe() -> None:
-        await trio.sleep(5)
-        gc.collect()
-        for obj in gc.get_objects():
-            if isinstance(obj, ReceivedMessage) and id(obj) in seen:
-                for ref in gc.get_referrers(obj):
-                    if hasattr(ref, "cr_code"):
-                        holders.append(f"coroutine {ref.cr_code.co_name}")
-                    elif isinstance(ref, list):
-                        for r2 in gc.get_referrers(ref):
-                            if type(r2).__name__ == "frame":
-                                holders.append(f"list in frame {r2.f_code.co_name}")
-                    else:
-                        holders.append(type(ref).__name__)
+        await trio.sleep(5)  # the session is idle now (idle timeout 100)
+        holders.extend(_holders(seen))
         manager.stop()
 
     options = SessionManagerOptions(session_idle_timeout=100)
