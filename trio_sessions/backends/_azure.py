@@ -1,7 +1,8 @@
 """The Azure Service Bus backend: the real asyncio SDK, bridged with trio-asyncio.
 
-This is the only module that imports asyncio, trio_asyncio or azure.servicebus (the
-package imports it lazily, so ``import trio_sessions`` stays asyncio-free).
+This module and `_aioloop` (the asyncio loop it runs the SDK in) are the only ones that
+import asyncio, trio_asyncio or azure.servicebus (the package imports this one lazily,
+so ``import trio_sessions`` stays asyncio-free).
 
 Every crossing into asyncio goes through one chokepoint, `AzureServiceBus._call`, which
 also translates the SDK's exceptions into ours (`_SDK_ERRORS`, most specific first; the
@@ -49,6 +50,7 @@ from .._errors import (
 )
 from .._messages import Abandon, Complete, DeadLetter, EntityPath, Message, ReceivedMessage
 from .._options import ReceiveMode
+from . import _aioloop
 from ._abc import SingleSettlements
 
 if TYPE_CHECKING:
@@ -458,45 +460,8 @@ async def _close_stranded_connections(clients: list[Any]) -> None:
 
 
 def _speed_up_loop(loop: Any) -> None:
-    """Make ``loop`` (a trio-asyncio loop this backend opened) run ready callbacks in batches.
-
-    trio-asyncio 0.16's loop runs one asyncio callback per pass of Trio's scheduler (each
-    ``_main_loop_one`` awaits a memory channel, a checkpoint), and the SDK schedules
-    about thirty callbacks per message: most of the Azure path's CPU went to scheduler
-    passes (issue #8, P7). asyncio's own loop runs every callback that is ready when an
-    iteration starts; this does the same: after each callback, those already queued run
-    in the same pass (callbacks they queue wait for the next pass, so Trio's tasks are
-    never starved).
-
-    Its ``call_soon`` also checks every callback with ``inspect`` (is it a coroutine
-    function?), which asyncio does in debug mode only: a third of a crossing's cost. Here
-    it skips the check unless the loop is in debug mode. Nothing changes if the loop
-    lacks the internals this relies on.
-    """
-    one = getattr(loop, "_main_loop_one", None)
-    queue = getattr(loop, "_q_recv", None)
-    if one is None or queue is None or not hasattr(queue, "statistics"):
-        return
-
-    async def main_loop_one(no_wait: bool = False) -> None:
-        await one(no_wait)
-        for _ in range(queue.statistics().current_buffer_used):
-            try:
-                await one(no_wait=True)
-            except trio.WouldBlock:
-                return
-
-    loop._main_loop_one = main_loop_one
-    queue_handle = loop._queue_handle
-    handle_type = asyncio.Handle
-    checked_call_soon = loop.call_soon
-
-    def call_soon(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
-        if loop._debug:
-            return checked_call_soon(callback, *args, context=context)  # type: ignore[no-any-return]
-        return queue_handle(handle_type(callback, args, loop, context))  # type: ignore[no-any-return]
-
-    loop.call_soon = call_soon
+    """Give a trio-asyncio loop this backend opened asyncio's own shape (see `_aioloop`)."""
+    _aioloop.adopt(loop)
 
 
 # ------------------------------------------------------------------------------- backend
