@@ -3,7 +3,7 @@
 ::
 
     subscribe*() ── supervisor nursery
-        ├─ accept scope ── acceptor tasks (at most ACCEPTORS, or one per session id)
+        ├─ accept scope ── acceptor tasks (ACCEPTORS to MAX_ACCEPTORS, or one per session id)
         │     each takes a CapacityLimiter token on behalf of the actor it will start,
         │     accepts a session, and starts the actor in the supervisor nursery
         └─ SessionActor tasks: one per locked session; each gives its token back when it ends
@@ -49,9 +49,17 @@ __all__ = ["SessionManager", "open_session_manager"]
 
 logger = library_logger("trio_sessions.manager")
 
-#: Accepts of next-available sessions in flight at once: enough that one slow accept
-#: does not serialise acquisition, few enough not to hold many server-side waits.
+#: Accepts of next-available sessions kept waiting when no session is free: enough that
+#: one slow accept does not serialise acquisition, few enough not to hold many
+#: server-side waits (each is a connection on Azure).
 ACCEPTORS = 4
+#: Accepts of next-available sessions in flight at most, while sessions are being found.
+#: A subscription starts this many (no more than max_concurrent_sessions), since an
+#: accept on Azure takes about half a second and four at a time made acquiring ten
+#: sessions take three of those (issue #8, P8). An accept that finds no session free
+#: ends its acceptor while more than ACCEPTORS run; each accept that finds one starts
+#: another acceptor while a slot is free, so the pool follows the supply of sessions.
+MAX_ACCEPTORS = 16
 
 ErrorHandler = Callable[[ErrorContext], Awaitable[object]]
 
@@ -130,6 +138,7 @@ class SessionManager:
         self._not_running.set()
         self._accept_scope: trio.CancelScope | None = None
         self._accepting = False
+        self._acceptors = 0  # next-available acceptor tasks running (see MAX_ACCEPTORS)
         self._timers = LockTimers()
         self._limiter = trio.CapacityLimiter(1)  # the running subscribe's (see _run)
         self._fatal: BaseException | None = None
@@ -263,16 +272,9 @@ class SessionManager:
                     async with trio.open_nursery() as acceptors:
                         session_ids = self._options.session_ids
                         if session_ids is None:
-                            count = min(ACCEPTORS, self._options.max_concurrent_sessions)
-                            for i in range(count):
-                                acceptors.start_soon(
-                                    self._acceptor,
-                                    supervisor,
-                                    limiter,
-                                    hooks,
-                                    None,
-                                    name=f"acceptor {i}",
-                                )
+                            count = min(MAX_ACCEPTORS, self._options.max_concurrent_sessions)
+                            for _ in range(count):
+                                self._start_acceptor(acceptors, supervisor, limiter, hooks)
                         else:
                             for sid in session_ids:
                                 acceptors.start_soon(
@@ -294,12 +296,55 @@ class SessionManager:
         if self._fatal is not None:
             raise self._fatal
 
+    def _start_acceptor(
+        self,
+        acceptors: trio.Nursery,
+        supervisor: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        hooks: ActorHooks,
+    ) -> None:
+        """Start one more next-available acceptor (counted in ``_acceptors``)."""
+        self._acceptors += 1
+        acceptors.start_soon(
+            self._acceptor,
+            supervisor,
+            limiter,
+            hooks,
+            None,
+            acceptors,
+            name=f"acceptor {self._acceptors}",
+        )
+
     async def _acceptor(
         self,
         supervisor: trio.Nursery,
         limiter: trio.CapacityLimiter,
         hooks: ActorHooks,
         session_id: str | None,
+        acceptors: trio.Nursery | None = None,
+    ) -> None:
+        """Accept sessions and start their actors, until cancelled or no longer needed.
+
+        Next-available acceptors (``session_id`` None, given ``acceptors``) are a pool
+        that grows and shrinks with the supply of sessions: see `MAX_ACCEPTORS`.
+        """
+        try:
+            await self._accept_loop(supervisor, limiter, hooks, session_id, acceptors)
+        finally:
+            if acceptors is not None:
+                self._acceptors -= 1
+
+    def _spare_acceptor(self) -> bool:
+        """True when a next-available acceptor beyond the ACCEPTORS kept waiting runs."""
+        return self._acceptors > min(ACCEPTORS, self._options.max_concurrent_sessions)
+
+    async def _accept_loop(
+        self,
+        supervisor: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        hooks: ActorHooks,
+        session_id: str | None,
+        acceptors: trio.Nursery | None,
     ) -> None:
         options = self._options
         attempt = 0
@@ -321,6 +366,8 @@ class SessionManager:
                 )
             except OperationTimeoutError:
                 limiter.release_on_behalf_of(borrower)
+                if acceptors is not None and self._spare_acceptor():
+                    return  # no session is free: fewer server-side waits will do
                 continue  # no session was free within accept_timeout: not an error
             except FATAL_ERRORS as exc:
                 limiter.release_on_behalf_of(borrower)
@@ -329,6 +376,8 @@ class SessionManager:
             except _RETRIED_ACCEPT_ERRORS as exc:
                 limiter.release_on_behalf_of(borrower)
                 await self._report(exc, ErrorSource.ACCEPT_SESSION, session_id, False)
+                if acceptors is not None and self._spare_acceptor():
+                    return  # the ACCEPTORS kept waiting retry
                 await trio.sleep(options.retry.delay(attempt, self._rng))
                 attempt += 1
                 continue
@@ -337,7 +386,15 @@ class SessionManager:
                 raise
             attempt = 0
             actor = self._start_actor(supervisor, link, hooks, limiter, borrower)
-            if session_id is not None:
+            if acceptors is not None:
+                # Sessions are there to be had: one more accept in flight, while a slot
+                # is free for it.
+                if (
+                    self._acceptors < min(MAX_ACCEPTORS, options.max_concurrent_sessions)
+                    and limiter.available_tokens > 0
+                ):
+                    self._start_acceptor(acceptors, supervisor, limiter, hooks)
+            else:
                 # Never hold one session twice: accept it again only once it is closed.
                 await actor.wait_done()
 
