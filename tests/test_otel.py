@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -551,6 +552,43 @@ def test_importing_the_library_imports_no_opentelemetry() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+_SUBSCRIBE_ONCE = """
+import sys, trio
+from trio_sessions import MemoryBroker, Message, open_session_manager
+
+async def main():
+    broker = MemoryBroker()
+    broker.create_queue("q")
+    await broker.send("q", Message(b"x", session_id="a"))
+    async with open_session_manager(broker, queue_name="q") as manager:
+        async def handle(message, context):
+            manager.stop()
+        await manager.subscribe(handle)
+
+trio.run(main)
+print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+"""
+
+
+@pytest.mark.parametrize("variable", [None, "OTEL_PYTHON_TRACER_PROVIDER"])
+def test_subscribe_imports_opentelemetry_only_if_a_provider_may_be_set(
+    variable: str | None,
+) -> None:
+    """Unless something imported it, no provider was set: subscribe does not import it
+    to find that out, unless a variable names a provider for the API to load."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_PYTHON_")}
+    if variable is not None:
+        env[variable] = "sdk_tracer_provider"  # opentelemetry-sdk's entry point
+    out = subprocess.run(
+        [sys.executable, "-c", _SUBSCRIBE_ONCE], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    imported = out.strip().splitlines()[-1]
+    if variable is None:
+        assert imported == "[]"
+    else:
+        assert "'opentelemetry.trace'" in imported
 
 
 @pytest.mark.parametrize(

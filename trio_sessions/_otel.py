@@ -9,13 +9,17 @@ code, linked to the producer's creation context (the ``traceparent`` or
 
 Cost: `telemetry_for` returns None, and nothing here is called again, unless
 opentelemetry-api is installed *and* the application set a tracer or meter provider
-before ``subscribe*`` started. With a `Telemetry`, the actor swaps in the traced
+before ``subscribe*`` started. It does not even import opentelemetry unless something
+else has (setting a provider means importing it), or ``OTEL_PYTHON_TRACER_PROVIDER``
+or ``OTEL_PYTHON_METER_PROVIDER`` names one for the API to load. With a `Telemetry`, the actor swaps in the traced
 versions of its per-message steps once, when it starts (see `SessionActor.__init__`),
 so the untraced path carries no check per message.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -60,8 +64,19 @@ _UNCONFIGURED = frozenset(
 )
 
 
+#: The API loads a provider named by these by itself, on first use: with one set, a
+#: provider may be configured although the application never imported opentelemetry.
+_PROVIDER_VARIABLES = ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
+
+
 def telemetry_for(entity: EntityPath, backend: object) -> Telemetry | None:
     """A `Telemetry` for one ``subscribe*`` run, or None if OpenTelemetry is absent or idle."""
+    if "opentelemetry" not in sys.modules and not any(
+        os.environ.get(name) for name in _PROVIDER_VARIABLES
+    ):
+        # Nothing imported it, so no provider was set: importing the API just to find
+        # that out took 35 ms, in each process's first subscribe (issue #8, P7).
+        return None
     try:
         from opentelemetry import metrics, trace
     except ImportError:
