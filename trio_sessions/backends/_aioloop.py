@@ -157,7 +157,10 @@ class _BackendLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
                     handle._run()
         finally:
             sniffio.thread_local.name = previous
-        await trio.lowlevel.checkpoint()
+        if ready or no_wait:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._ts_park()  # a yield too, and no pass of its own to find nothing
 
     async def _ts_park(self) -> None:
         deadline = self._timers[0]._when if self._timers else math.inf
