@@ -8,6 +8,8 @@ virtual time), sockets, threads, Trio tasks started from asyncio, errors, and sh
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -161,6 +163,20 @@ async def test_call_soon_threadsafe_from_another_thread() -> None:
         handle = await trio.to_thread.run_sync(loop.call_soon_threadsafe, called.set)
         assert isinstance(handle, asyncio.Handle)
         await called.wait()
+
+
+async def test_signal_handlers_come_through_trio_asyncios_channel() -> None:
+    """trio-asyncio hands a signal's handler to the loop through its own channel."""
+    async with backend_loop() as loop:
+        got = trio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+        try:
+            await trio.testing.wait_all_tasks_blocked()  # the loop is parked on the channel
+            os.kill(os.getpid(), signal.SIGUSR1)
+            with trio.fail_after(5):
+                await got.wait()
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
 
 
 async def test_trio_code_called_from_asyncio() -> None:
