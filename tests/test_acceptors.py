@@ -51,6 +51,12 @@ class SlowAccepts:
         return getattr(self.broker, name)
 
 
+def new_broker() -> MemoryBroker:
+    broker = MemoryBroker()
+    broker.create_queue(Q, requires_session=True)
+    return broker
+
+
 async def send_sessions(broker: MemoryBroker, count: int, prefix: str = "s") -> None:
     for i in range(count):
         await broker.send(Q, Message(b"x", session_id=f"{prefix}{i}"))
@@ -88,8 +94,7 @@ async def test_waiting_sessions_are_acquired_in_one_round_of_accepts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Ten sessions waiting and ten slots: ten accepts at once, all done by one delay."""
-    broker = MemoryBroker()
-    broker.create_queue(Q, requires_session=True)
+    broker = new_broker()
     await send_sessions(broker, 10)
     backend = SlowAccepts(broker)
     options = SessionManagerOptions(max_concurrent_sessions=10, session_idle_timeout=60)
@@ -107,8 +112,7 @@ async def test_accepts_in_flight_never_exceed_the_free_slots_or_the_cap(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     for slots in (3, 50):
-        broker = MemoryBroker()
-        broker.create_queue(Q, requires_session=True)
+        broker = new_broker()
         backend = SlowAccepts(broker)
         options = SessionManagerOptions(
             max_concurrent_sessions=slots, accept_timeout=5, session_idle_timeout=1
@@ -127,8 +131,7 @@ async def test_with_no_session_free_only_the_standing_acceptors_wait(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The pool starts full and shrinks to ACCEPTORS once accepts find nothing."""
-    broker = MemoryBroker()
-    broker.create_queue(Q, requires_session=True)
+    broker = new_broker()
     backend = SlowAccepts(broker)
     options = SessionManagerOptions(max_concurrent_sessions=100, accept_timeout=5)
     in_flight: list[int] = []
@@ -150,8 +153,7 @@ async def test_the_pool_grows_again_when_sessions_come(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """After shrinking, each accept that finds a session starts one more acceptor."""
-    broker = MemoryBroker()
-    broker.create_queue(Q, requires_session=True)
+    broker = new_broker()
     backend = SlowAccepts(broker)
     options = SessionManagerOptions(
         max_concurrent_sessions=100, accept_timeout=5, session_idle_timeout=600
@@ -176,8 +178,7 @@ async def test_the_pool_grows_again_when_sessions_come(
 async def test_transient_accept_errors_are_retried_by_the_standing_acceptors_only(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    broker = MemoryBroker()
-    broker.create_queue(Q, requires_session=True)
+    broker = new_broker()
     for _ in range(MAX_ACCEPTORS):
         broker.fail_next("accept_session", ServiceBusConnectionError)
     backend = SlowAccepts(broker)
@@ -199,8 +200,7 @@ async def test_transient_accept_errors_are_retried_by_the_standing_acceptors_onl
 
 async def test_fewer_slots_than_standing_acceptors(autojump_clock: trio.testing.MockClock) -> None:
     """With one slot, one acceptor: it never ends for finding nothing."""
-    broker = MemoryBroker()
-    broker.create_queue(Q, requires_session=True)
+    broker = new_broker()
     backend = SlowAccepts(broker)
     options = SessionManagerOptions(
         max_concurrent_sessions=1, accept_timeout=5, session_idle_timeout=1
