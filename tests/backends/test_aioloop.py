@@ -193,6 +193,22 @@ async def test_trio_code_called_from_asyncio() -> None:
         assert await in_asyncio(asyncio_part)() == 42
 
 
+async def test_a_trio_task_cancelled_before_it_starts_resolves_its_future() -> None:
+    async with backend_loop() as loop:
+
+        async def never_run() -> None:
+            raise AssertionError("a cancelled Trio task must not run")
+
+        async def asyncio_part() -> bool:
+            future = loop.trio_as_future(never_run)
+            future.cancel()
+            for _ in range(10):  # a few passes: trio-asyncio starts the task to resolve it
+                await asyncio.sleep(0)
+            return bool(future.cancelled())
+
+        assert await in_asyncio(asyncio_part)()
+
+
 async def test_callbacks_see_asyncio_and_trio_sees_trio() -> None:
     seen: list[str] = []
     async with backend_loop() as loop:

@@ -145,14 +145,14 @@ class _BackendLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
         try:
             for _ in range(len(ready)):
                 handle = ready.popleft()
-                if handle._cancelled:
-                    continue
-                if isinstance(handle, AsyncHandle):  # a Trio task to start, as trio-asyncio does
+                if isinstance(handle, AsyncHandle):
+                    # A Trio task to start, as trio-asyncio does: even a cancelled one,
+                    # which resolves its future as cancelled.
                     handle._context.run(
                         self._nursery.start_soon, handle._run, name=handle._callback
                     )
                     await handle._started.wait()
-                else:
+                elif not handle._cancelled:
                     # A TrioAsyncioExit (stop) leaves here; the rest stay queued.
                     handle._run()
         finally:
