@@ -179,18 +179,63 @@ async def test_signal_handlers_come_through_trio_asyncios_channel() -> None:
             loop.remove_signal_handler(signal.SIGUSR1)
 
 
+async def test_signal_handlers_run_while_the_loop_is_busy() -> None:
+    """A signal's handler runs although the loop never parks (always something ready)."""
+    async with backend_loop() as loop:
+        got = trio.Event()
+        stop = False
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+
+        async def busy() -> None:
+            while not stop:  # noqa: ASYNC110 - busy on purpose: the loop never parks
+                await asyncio.sleep(0)
+
+        task = loop.create_task(busy())
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with trio.move_on_after(5):
+            await got.wait()
+        stop = True
+        loop.remove_signal_handler(signal.SIGUSR1)
+        await trio_asyncio.run_aio_future(task)
+        assert got.is_set(), "the handler did not run while the loop was busy"
+
+
+async def test_call_soon_threadsafe_delivered_after_the_loop_closed_is_dropped() -> None:
+    """A call accepted while the loop is open and delivered (by Trio's run_sync_soon)
+    after it closed is dropped, as trio-asyncio drops it, instead of crashing Trio."""
+    async with trio.open_nursery() as nursery:
+        async with backend_loop() as loop:
+
+            async def producer() -> None:
+                while True:
+                    try:
+                        loop.call_soon_threadsafe(lambda: None)
+                    except RuntimeError:  # closed: the call is refused up front
+                        return
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(producer)
+            for _ in range(20):
+                await trio.lowlevel.checkpoint()
+    assert loop.is_closed()
+    # What such a late delivery does, without waiting for the race: nothing.
+    loop._ts_deliver(asyncio.Handle(lambda: None, (), loop))
+
+
 async def test_trio_code_called_from_asyncio() -> None:
     """trio_as_aio starts a Trio task from the loop (trio-asyncio's AsyncHandle)."""
     async with backend_loop():
 
-        async def trio_part(x: int) -> int:
+        async def trio_part(x: int) -> tuple[int, str]:
+            library = sniffio.current_async_library()
             await trio.lowlevel.checkpoint()
-            return x * 2
+            return x * 2, library
 
-        async def asyncio_part() -> int:
+        async def asyncio_part() -> tuple[int, str]:
             return await trio_asyncio.trio_as_aio(trio_part)(21)  # type: ignore[no-any-return]
 
-        assert await in_asyncio(asyncio_part)() == 42
+        # The Trio task sees Trio, though the loop started it in the middle of a pass.
+        assert await in_asyncio(asyncio_part)() == (42, "trio")
 
 
 async def test_a_trio_task_cancelled_before_it_starts_resolves_its_future() -> None:

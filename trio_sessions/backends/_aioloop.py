@@ -94,8 +94,20 @@ class _BackendLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
         self._check_callback(callback, "call_soon_threadsafe")
         self._check_closed()
         handle = asyncio.Handle(callback, args, self, context)
-        self._token.run_sync_soon(self._queue_handle, handle)
+        self._token.run_sync_soon(self._ts_deliver, handle)
         return handle
+
+    def _handle_sig(self, sig: int, _: object) -> None:
+        # trio-asyncio sends a signal's handler into its channel, which this loop reads
+        # only when it parks: a busy loop would never run it.
+        self._token.run_sync_soon(self._ts_deliver, self._signal_handlers[sig])
+
+    def _ts_deliver(self, handle: Any) -> None:
+        """Queue ``handle`` from Trio's ``run_sync_soon``: dropped once the loop is closed,
+        as trio-asyncio drops what reaches its channel then (raising there would be a
+        `trio.TrioInternalError`)."""
+        if not self._closed:
+            self._queue_handle(handle)
 
     def _timer_handle_cancelled(self, handle: Any) -> None:
         if handle._scheduled:
@@ -147,11 +159,14 @@ class _BackendLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
                 handle = ready.popleft()
                 if isinstance(handle, AsyncHandle):
                     # A Trio task to start, as trio-asyncio does: even a cancelled one,
-                    # which resolves its future as cancelled.
+                    # which resolves its future as cancelled. Trio code runs meanwhile,
+                    # and sniffio's name is per thread: Trio's while the batch waits.
+                    sniffio.thread_local.name = previous
                     handle._context.run(
                         self._nursery.start_soon, handle._run, name=handle._callback
                     )
                     await handle._started.wait()
+                    sniffio.thread_local.name = "asyncio"
                 elif not handle._cancelled:
                     # A TrioAsyncioExit (stop) leaves here; the rest stay queued.
                     handle._run()
@@ -207,9 +222,12 @@ def adopt(loop: Any) -> bool:
     opened in a way this does not know), and for a trio-asyncio whose internals differ.
     """
     if type(loop) is not trio_asyncio.TrioEventLoop or not all(
-        hasattr(loop, name) for name in ("_q_send", "_q_recv", "_timers", "_nursery", "_token")
+        hasattr(loop, name)
+        for name in ("_q_send", "_q_recv", "_timers", "_nursery", "_token", "_signal_handlers")
     ):
         return False
+    if loop._q_send.statistics().max_buffer_size != math.inf:
+        return False  # a bounded queue (open_loop(queue_len=...)): wake-ups could not wait
     ready: collections.deque[asyncio.Handle] = collections.deque()
     loop._ts_ready = ready
     loop._ts_parked = False
@@ -222,6 +240,8 @@ def adopt(loop: Any) -> bool:
             pending.append(loop._q_recv.receive_nowait())
         except trio.WouldBlock:
             break
+    for timer in loop._timers:
+        timer._scheduled = True  # as _queue_handle marks them: cancel() then reports back
     loop.__class__ = _BackendLoop
     for obj in pending:
         loop._ts_route(obj)
