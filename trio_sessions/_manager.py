@@ -139,6 +139,7 @@ class SessionManager:
         self._accept_scope: trio.CancelScope | None = None
         self._accepting = False
         self._acceptors = 0  # next-available acceptor tasks running (see MAX_ACCEPTORS)
+        self._acceptors_started = 0  # for their task names
         self._timers = LockTimers()
         self._limiter = trio.CapacityLimiter(1)  # the running subscribe's (see _run)
         self._fatal: BaseException | None = None
@@ -305,6 +306,7 @@ class SessionManager:
     ) -> None:
         """Start one more next-available acceptor (counted in ``_acceptors``)."""
         self._acceptors += 1
+        self._acceptors_started += 1
         acceptors.start_soon(
             self._acceptor,
             supervisor,
@@ -312,7 +314,7 @@ class SessionManager:
             hooks,
             None,
             acceptors,
-            name=f"acceptor {self._acceptors}",
+            name=f"acceptor {self._acceptors_started}",
         )
 
     async def _acceptor(

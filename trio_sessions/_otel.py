@@ -72,7 +72,7 @@ _PROVIDER_VARIABLES = ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDE
 def telemetry_for(entity: EntityPath, backend: object) -> Telemetry | None:
     """A `Telemetry` for one ``subscribe*`` run, or None if OpenTelemetry is absent or idle."""
     if "opentelemetry" not in sys.modules and not any(
-        os.environ.get(name) for name in _PROVIDER_VARIABLES
+        name in os.environ for name in _PROVIDER_VARIABLES
     ):
         # Nothing imported it, so no provider was set: importing the API just to find
         # that out took 35 ms, in each process's first subscribe (issue #8, P7).
