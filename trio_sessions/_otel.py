@@ -11,9 +11,9 @@ Cost: `telemetry_for` returns None, and nothing here is called again, unless
 opentelemetry-api is installed *and* the application set a tracer or meter provider
 before ``subscribe*`` started. It does not even import opentelemetry unless something
 else has (setting a provider means importing it), or ``OTEL_PYTHON_TRACER_PROVIDER``
-or ``OTEL_PYTHON_METER_PROVIDER`` names one for the API to load. With a `Telemetry`, the actor swaps in the traced
-versions of its per-message steps once, when it starts (see `SessionActor.__init__`),
-so the untraced path carries no check per message.
+or ``OTEL_PYTHON_METER_PROVIDER`` names one for the API to load. With a `Telemetry`,
+the actor swaps in the traced versions of its per-message steps once, when it starts
+(see `SessionActor.__init__`), so the untraced path carries no check per message.
 """
 
 from __future__ import annotations

@@ -18,10 +18,13 @@ message, so most of what the Azure path cost on top of the SDK was that (issue #
 - the loop's Trio task parks only when nothing is ready, until the next timer is due or
   something is scheduled: only then does scheduling wake it, through trio-asyncio's
   channel (which still carries whatever trio-asyncio itself puts there);
+- thread-safe calls and signal handlers come in through Trio's ``run_sync_soon`` into
+  the deque (trio-asyncio put them in its channel, which this loop reads only when it
+  parks), and are dropped once the loop is closed, as trio-asyncio drops them;
 - a socket's reader or writer task runs its callback and waits on the socket again.
 
-Everything else (opening, stopping, closing, the Trio-task bridges, signals and
-subprocesses) stays trio-asyncio's. The loop's life cycle is unchanged: `adopt` is
+Everything else (opening, stopping, closing, the Trio-task bridges, subprocesses)
+stays trio-asyncio's. The loop's life cycle is unchanged: `adopt` is
 called on a running loop, and its first pass under the new shape begins with the next
 wake-up.
 """
