@@ -125,7 +125,10 @@ class _BackendLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
 
     def _ts_take_due_timers(self) -> None:
         timers = self._timers
-        if self._ts_cancelled_timers * 2 > len(timers) >= _MIN_TIMERS_TO_PRUNE:
+        if (
+            len(timers) >= _MIN_TIMERS_TO_PRUNE
+            and self._ts_cancelled_timers > _CANCELLED_FRACTION_TO_PRUNE * len(timers)
+        ):
             kept = []
             for timer in timers:
                 if timer._cancelled:
