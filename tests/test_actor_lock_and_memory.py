@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio.testing
@@ -15,6 +16,7 @@ from trio_sessions import (
     ServiceBusConnectionError,
     SessionContext,
     SessionLockLostError,
+    SessionManager,
     SessionManagerOptions,
     open_session_manager,
 )
@@ -86,22 +88,19 @@ async def test_a_renewal_after_the_safe_deadline_is_still_a_lock_loss(
     )
 
 
-async def test_an_idle_session_holds_no_settled_message(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """After one message is handled and settled, the session waits idle; the message
-    is not kept alive by the waiting actor (no local of the inline loop holds it)."""
+async def _holders_while_idle(
+    subscribe: Callable[[SessionManager, list[int]], Awaitable[None]],
+) -> tuple[MemoryBroker, list[str]]:
+    """Run ``subscribe(manager, seen)`` on one session with one message; 5 s later, with
+    the session idle (idle timeout 100), what still holds the messages ``seen`` lists."""
     broker = MemoryBroker()
     broker.create_queue(Q, requires_session=True)
     await broker.send(Q, [Message("m0", session_id="a")])
     seen: list[int] = []
     holders: list[str] = []
 
-    async def handle(message: ReceivedMessage, context: SessionContext) -> None:
-        seen.append(id(message))
-
     async def probe() -> None:
-        await trio.sleep(5)  # the session is idle now (idle timeout 100)
+        await trio.sleep(5)
         holders.extend(_holders(seen))
         manager.stop()
 
@@ -109,7 +108,23 @@ async def test_an_idle_session_holds_no_settled_message(
     async with open_session_manager(broker, queue_name=Q, options=options) as manager:
         async with trio.open_nursery() as n:
             n.start_soon(probe)
-            await manager.subscribe(handle)
+            await subscribe(manager, seen)
+    return broker, holders
+
+
+async def test_an_idle_session_holds_no_settled_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After one message is handled and settled, the session waits idle; the message
+    is not kept alive by the waiting actor (no local of the inline loop holds it)."""
+
+    async def subscribe(manager: SessionManager, seen: list[int]) -> None:
+        async def handle(message: ReceivedMessage, context: SessionContext) -> None:
+            seen.append(id(message))
+
+        await manager.subscribe(handle)
+
+    broker, holders = await _holders_while_idle(subscribe)
     assert broker.active_message_count(Q) == 0
     assert not holders, f"idle session still references its settled message: {holders}"
 
@@ -118,25 +133,14 @@ async def test_the_actor_form_holds_no_settled_message_while_waiting(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Same for the actor form: next_message holds no settled message through the wait."""
-    broker = MemoryBroker()
-    broker.create_queue(Q, requires_session=True)
-    await broker.send(Q, [Message("m0", session_id="a")])
-    seen: list[int] = []
-    holders: list[str] = []
 
-    async def session(context: SessionContext) -> None:
-        async for message in context:
-            seen.append(id(message))
-            del message
+    async def subscribe(manager: SessionManager, seen: list[int]) -> None:
+        async def session(context: SessionContext) -> None:
+            async for message in context:
+                seen.append(id(message))
+                del message
 
-    async def probe() -> None:
-        await trio.sleep(5)  # the session is idle now (idle timeout 100)
-        holders.extend(_holders(seen))
-        manager.stop()
+        await manager.subscribe_sessions(session)
 
-    options = SessionManagerOptions(session_idle_timeout=100)
-    async with open_session_manager(broker, queue_name=Q, options=options) as manager:
-        async with trio.open_nursery() as n:
-            n.start_soon(probe)
-            await manager.subscribe_sessions(session)
+    _, holders = await _holders_while_idle(subscribe)
     assert not holders, f"idle session still references its settled message: {holders}"
